@@ -1,0 +1,19 @@
+"""robustmerge_kernels: merge many LoRA adapters into one with RobustMerge, fast and exactly."""
+
+from ._version import __version__
+from .api import MergedAdapter, MergeReport, merge
+from .backends import available_backends, get_backend, register_backend
+from .errors import AdapterError
+from .params import RobustMergeParams
+
+__all__ = [
+    "AdapterError",
+    "MergeReport",
+    "MergedAdapter",
+    "RobustMergeParams",
+    "__version__",
+    "available_backends",
+    "get_backend",
+    "merge",
+    "register_backend",
+]

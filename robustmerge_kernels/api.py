@@ -1,0 +1,201 @@
+"""``merge()``: the one public entry point behind the Python API and the CLI."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ._version import __version__
+from .backends import ModuleInputs, get_backend
+from .errors import AdapterError
+from .params import RobustMergeParams
+from .plan import MergePlan, ModulePlan, build_plan
+from .reference import mean_tensors
+from .sources import AdapterSource, open_adapter
+from .writer import check_destination, write_adapter
+
+METHODS = ("robustmerge",)
+
+# Modules are handed to the backend in groups of about this many input bytes: large enough
+# for a fused kernel to fill the machine, small enough to bound memory by a working set.
+DEFAULT_GROUP_BYTES = 256 << 20
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64,
+}  # fmt: skip
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise AdapterError(f"unknown output dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[key]
+
+
+@dataclass
+class MergeReport:
+    method: str
+    backend: str
+    adapters: list[str]
+    modules: int
+    parameters: int  # elements in the merged adapter
+    bytes_in: int
+    seconds: float
+    hyperparameters: dict[str, float]
+    partial_modules: dict[str, list[str]] = field(default_factory=dict)  # module -> adapters lacking it
+    averaged_tensors: int = 0
+
+    def summary(self) -> str:
+        line = (
+            f"merged {len(self.adapters)} adapters with {self.method}: {self.modules} modules, "
+            f"{self.parameters / 1e6:.2f} M parameters, {self.seconds:.2f} s, backend {self.backend}"
+        )
+        if self.averaged_tensors:
+            line += f", {self.averaged_tensors} non-LoRA tensors averaged"
+        if self.partial_modules:
+            line += f", {len(self.partial_modules)} modules missing from some adapters"
+        return line
+
+
+class MergedAdapter(dict):
+    """The merged state dict (PEFT saved-key form), with ``config`` and ``report`` attached."""
+
+    config: dict[str, Any] | None
+    report: MergeReport
+
+
+def _device_of(sources: list[AdapterSource], plan: MergePlan) -> torch.device:
+    """Merge where the inputs are: the device of the first tensor (files load to CPU)."""
+    if sources[0].path is not None or not plan.modules:
+        return torch.device("cpu")
+    return sources[0].get(plan.modules[0].a_keys[0]).device
+
+
+def _load(source: AdapterSource, key: str, device: torch.device) -> torch.Tensor:
+    x = source.get(key)
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise AdapterError(f"contains {bad} NaN/Inf values; refusing to merge non-finite weights", source.label, key)
+    return x.to(device)
+
+
+def _groups(modules: list[ModulePlan], sources: list[AdapterSource], group_bytes: int) -> Iterator[list[ModulePlan]]:
+    group, size = [], 0
+    for m in modules:
+        nbytes = sum(m.numel * sources[t].dtype(k).itemsize for t, k in zip(m.members, m.a_keys))
+        if group and size + nbytes > group_bytes:
+            yield group
+            group, size = [], 0
+        group.append(m)
+        size += nbytes
+    if group:
+        yield group
+
+
+def merge(
+    adapters: Sequence[Any],
+    method: str = "robustmerge",
+    density: float = 0.2,
+    clamp_quantile: float = 0.8,
+    lam: float = 2.0,
+    backend: str = "auto",
+    out: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    group_bytes: int = DEFAULT_GROUP_BYTES,
+) -> MergedAdapter:
+    """Merge LoRA adapters into one adapter of the same rank.
+
+    ``adapters``: PEFT adapter folders, state dicts, ``(state_dict, LoraConfig-or-dict)``
+    pairs or ``PeftModel`` objects, in any mix. Returns the merged state dict (keys as PEFT
+    saves them) with ``.config`` (the output ``adapter_config.json``) and ``.report``;
+    with ``out`` it is also written there as a PEFT adapter folder, atomically.
+    """
+    start = time.perf_counter()
+    if method not in METHODS:
+        raise AdapterError(f"unknown merge method {method!r}; available: {', '.join(METHODS)}")
+    if isinstance(adapters, (str, os.PathLike, dict)) or not isinstance(adapters, Sequence):
+        raise AdapterError("adapters must be a list (of folders, state dicts, pairs or models)")
+    params = RobustMergeParams(density, clamp_quantile, lam)
+    out_dtype = parse_dtype(dtype)
+    if out is not None:
+        check_destination(out, overwrite)
+
+    sources = [open_adapter(a, i) for i, a in enumerate(adapters)]
+    plan = build_plan(sources, out_dtype)
+    if out is not None and plan.out_config is None:
+        raise AdapterError("cannot write a PEFT folder: no adapter came with a LoRA config; pass (state_dict, config)")
+    device = _device_of(sources, plan)
+    impl = get_backend(backend, device.type)
+
+    merged = MergedAdapter()
+    bar = _progress_bar(len(plan.modules), progress)
+    for group in _groups(plan.modules, sources, group_bytes):
+        inputs = [
+            ModuleInputs(
+                m,
+                [_load(sources[t], k, device) for t, k in zip(m.members, m.a_keys)],
+                [_load(sources[t], k, device) for t, k in zip(m.members, m.b_keys)],
+            )
+            for m in group
+        ]
+        for m, (a, b) in zip(group, impl.robustmerge(inputs, params)):
+            merged[m.a_key] = a
+            merged[m.b_key] = b
+        bar.update(len(group))
+    bar.close()
+    for mean in plan.means:
+        merged[mean.key] = mean_tensors([_load(sources[t], mean.key, device) for t in mean.members], mean.out_dtype)
+
+    merged.config = plan.out_config
+    merged.report = MergeReport(
+        method=method,
+        backend=impl.name,
+        adapters=[s.label for s in sources],
+        modules=len(plan.modules),
+        parameters=sum(v.numel() for v in merged.values()),
+        bytes_in=plan.bytes_in(),
+        seconds=0.0,
+        hyperparameters=asdict(params),
+        partial_modules={
+            m.name: [s.label for t, s in enumerate(sources) if t not in m.members] for m in plan.partial_modules()
+        },
+        averaged_tensors=len(plan.means),
+    )
+    if out is not None:
+        record = {
+            "library": "robustmerge_kernels",
+            "version": __version__,
+            **{k: v for k, v in asdict(merged.report).items() if k not in ("seconds",)},
+        }
+        write_adapter(out, merged, plan.out_config, record, overwrite)
+    merged.report.seconds = time.perf_counter() - start
+    return merged
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="module", desc="merging", leave=False)

@@ -1,0 +1,115 @@
+"""Backend registry: which implementation runs a merge, per device.
+
+Each backend registers a factory, the device types it serves and a priority. ``auto``
+picks the highest-priority available backend for the tensors' device; the environment
+variable ``ROBUSTMERGE_BACKEND`` overrides ``auto`` (e.g. to force ``reference`` while
+debugging a kernel). An explicitly named backend that cannot run raises with its reason.
+
+A backend implements ``robustmerge(group, params) -> list[(A*, B*)]`` where ``group`` is a
+list of :class:`ModuleInputs` (a batch of modules whose tensors are loaded), so compiled
+backends can process the whole batch in one fused launch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..errors import AdapterError
+from ..params import RobustMergeParams
+from ..plan import ModulePlan
+
+ENV_VAR = "ROBUSTMERGE_BACKEND"
+
+
+@dataclass
+class ModuleInputs:
+    """One module's loaded inputs: ``a[i]``/``b[i]`` belong to ``plan.members[i]``."""
+
+    plan: ModulePlan
+    a: list[torch.Tensor]
+    b: list[torch.Tensor]
+
+
+class Backend(Protocol):
+    name: str
+
+    def robustmerge(
+        self, group: list[ModuleInputs], params: RobustMergeParams
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised by a factory when its backend cannot run here (no compiler, no GPU, ...)."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: Callable[[], Backend]
+    devices: tuple[str, ...]
+    priority: int
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_backend(name: str, factory: Callable[[], Backend], devices: tuple[str, ...], priority: int = 0) -> None:
+    _REGISTRY[name] = _Entry(factory, devices, priority)
+
+
+def registered_backends() -> list[str]:
+    return sorted(_REGISTRY, key=lambda n: -_REGISTRY[n].priority)
+
+
+def available_backends(device: str = "cpu") -> dict[str, str]:
+    """{name: "ok" or the reason it cannot run} for backends serving ``device``."""
+    status = {}
+    for name in registered_backends():
+        entry = _REGISTRY[name]
+        if device not in entry.devices:
+            continue
+        try:
+            entry.factory()
+            status[name] = "ok"
+        except BackendUnavailable as exc:
+            status[name] = str(exc)
+    return status
+
+
+def get_backend(name: str = "auto", device: str = "cpu") -> Backend:
+    """Resolve ``name`` (or ``auto`` / $ROBUSTMERGE_BACKEND) to a backend for ``device``."""
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "").strip() or "auto"
+    if name != "auto":
+        entry = _REGISTRY.get(name)
+        if entry is None:
+            raise AdapterError(f"unknown backend {name!r}; registered: {', '.join(registered_backends())}")
+        if device not in entry.devices:
+            raise AdapterError(f"backend {name!r} does not run on {device!r} tensors (it serves {entry.devices})")
+        try:
+            return entry.factory()
+        except BackendUnavailable as exc:
+            raise AdapterError(f"backend {name!r} is unavailable: {exc}") from exc
+    reasons = []
+    for candidate in registered_backends():
+        entry = _REGISTRY[candidate]
+        if device in entry.devices:
+            try:
+                return entry.factory()
+            except BackendUnavailable as exc:
+                reasons.append(f"{candidate}: {exc}")
+    raise AdapterError(f"no backend runs on {device!r} tensors ({'; '.join(reasons) or 'none registered'})")
+
+
+def _reference_factory() -> Backend:
+    from .reference import ReferenceBackend
+
+    return ReferenceBackend()
+
+
+# The pure-PyTorch default runs everywhere torch does; compiled backends outrank it.
+register_backend("reference", _reference_factory, devices=("cpu", "cuda", "mps", "xpu"), priority=0)

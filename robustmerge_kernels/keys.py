@@ -1,0 +1,57 @@
+"""Classify the keys of a PEFT LoRA state dict.
+
+A key is one of:
+  * a LoRA factor: ``<module>.lora_A[.<adapter>].weight`` (also ``lora_B``, and the
+    embedding variants ``lora_embedding_A/B`` that PEFT stores without ``.weight``);
+  * an unsupported LoRA variant (DoRA magnitude, LoRA bias, ...): refused, because
+    averaging it would silently produce a wrong adapter;
+  * anything else (``modules_to_save`` copies, a multimodal projector, biases): merged
+    by element-wise mean (SPEC section 5).
+
+The adapter name inside a key (``lora_A.default.weight`` in a live model's state dict) is
+dropped: output keys use the saved-adapter form that ``PeftModel.from_pretrained`` reads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# module, factor, optional adapter name, optional ".weight"
+_FACTOR = re.compile(
+    r"^(?P<module>.+)\.(?P<factor>lora_(?:embedding_)?[AB])"
+    r"(?:\.(?!weight$)(?P<adapter>[^.]+))?(?:\.weight)?$"
+)
+# Any other tensor that belongs to a LoRA layer: DoRA magnitudes, lora_B.bias, ...
+_LORA_OTHER = re.compile(r"\.(lora_[A-Za-z_]+)(\.|$)")
+
+
+@dataclass(frozen=True)
+class FactorKey:
+    module: str  # e.g. "base_model.model.model.layers.0.self_attn.q_proj"
+    factor: str  # "A" or "B"
+    embedding: bool  # lora_embedding_A/B (stored without ".weight")
+
+    def saved_key(self) -> str:
+        """The key under which PEFT saves (and loads) this factor."""
+        if self.embedding:
+            return f"{self.module}.lora_embedding_{self.factor}"
+        return f"{self.module}.lora_{self.factor}.weight"
+
+
+def parse_factor(key: str) -> FactorKey | None:
+    """Return the LoRA factor a key holds, or None when it is not a LoRA A/B factor."""
+    m = _FACTOR.match(key)
+    if m is None:
+        return None
+    factor = m.group("factor")
+    return FactorKey(module=m.group("module"), factor=factor[-1], embedding="embedding" in factor)
+
+
+def unsupported_lora_part(key: str) -> str | None:
+    """Name of the LoRA part for keys that are LoRA but not an A/B factor (None otherwise)."""
+    if parse_factor(key) is not None:
+        return None
+    m = _LORA_OTHER.search(key)
+    return m.group(1) if m else None
+

@@ -1,0 +1,265 @@
+"""The merge plan: every module of every adapter in one flat, validated description.
+
+Planning reads only tensor headers (names, shapes, dtypes) and configs. It pairs each
+module's ``lora_A`` with its ``lora_B`` by module name (never by key order), checks that
+all adapters agree on shapes, and computes per (adapter, module) the ratio folded into B
+so every adapter is expressed in the output adapter's scaling.
+
+Kernels consume the plan as flat tables (:meth:`MergePlan.work_items`): one row per
+(module, adapter) pair with its shapes and B-scale, so a backend can launch once over a
+whole group of modules instead of looping over tensors in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import AdapterError
+from .keys import FactorKey, parse_factor, unsupported_lora_part
+from .scaling import check_config, module_scaling
+from .sources import AdapterSource
+
+MERGEABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# Columns of MergePlan.work_items(): one row per (module, adapter) pair.
+ITEM_COLUMNS = ("module", "adapter", "rank", "in_features", "out_features")
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One adapted module and the adapters that carry it (``members``, in input order)."""
+
+    name: str
+    a_key: str  # output key of the merged A
+    b_key: str
+    rank: int
+    in_features: int  # columns of A
+    out_features: int  # rows of B
+    members: tuple[int, ...]
+    a_keys: tuple[str, ...]  # per member, the key in that adapter's source
+    b_keys: tuple[str, ...]
+    b_scale: tuple[float, ...]  # per member: its scaling / the output scaling
+    out_dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+
+@dataclass(frozen=True)
+class MeanPlan:
+    """A non-LoRA tensor (projector, modules_to_save, bias): mean over its members."""
+
+    key: str
+    shape: tuple[int, ...]
+    members: tuple[int, ...]
+    out_dtype: torch.dtype
+
+
+@dataclass
+class MergePlan:
+    sources: list[AdapterSource]
+    modules: list[ModulePlan]
+    means: list[MeanPlan]
+    out_config: dict[str, Any] | None
+
+    def work_items(self, modules: Sequence[int] | None = None) -> torch.Tensor:
+        """int64 table [W, len(ITEM_COLUMNS)]: the (module, adapter) pairs to process."""
+        idx = range(len(self.modules)) if modules is None else modules
+        rows = [
+            (i, t, m.rank, m.in_features, m.out_features)
+            for i in idx
+            for m in (self.modules[i],)
+            for t in m.members
+        ]
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, len(ITEM_COLUMNS))
+
+    def bytes_in(self) -> int:
+        total = 0
+        for m in self.modules:
+            for t, ka, kb in zip(m.members, m.a_keys, m.b_keys):
+                src = self.sources[t]
+                total += _nbytes(src.shape(ka), src.dtype(ka)) + _nbytes(src.shape(kb), src.dtype(kb))
+        return total
+
+    def partial_modules(self) -> list[ModulePlan]:
+        """Modules that some adapters do not carry (merged over those that do)."""
+        return [m for m in self.modules if len(m.members) < len(self.sources)]
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * dtype.itemsize
+
+
+def _collect(source: AdapterSource) -> tuple[dict[str, dict[str, tuple[str, FactorKey]]], list[str]]:
+    """Split one adapter's keys into {module: {"A"/"B": (key, parsed)}} and other keys."""
+    factors: dict[str, dict[str, tuple[str, FactorKey]]] = {}
+    others: list[str] = []
+    for key in source.keys():
+        parsed = parse_factor(key)
+        if parsed is None:
+            part = unsupported_lora_part(key)
+            if part is not None:
+                raise AdapterError(
+                    f"unsupported LoRA tensor {part!r} (DoRA magnitudes, LoRA biases and other "
+                    "variants are not defined by RobustMerge)",
+                    source.label,
+                    key,
+                )
+            others.append(key)
+            continue
+        slot = factors.setdefault(parsed.module, {})
+        if parsed.factor in slot:
+            raise AdapterError(
+                f"duplicate lora_{parsed.factor} for module {parsed.module!r} (also {slot[parsed.factor][0]!r})",
+                source.label,
+                key,
+            )
+        slot[parsed.factor] = (key, parsed)
+    return factors, others
+
+
+def _check_dtype(source: AdapterSource, key: str) -> torch.dtype:
+    dtype = source.dtype(key)
+    if dtype not in MERGEABLE_DTYPES:
+        raise AdapterError(f"dtype {dtype} is not a floating-point type this library merges", source.label, key)
+    return dtype
+
+
+def _output_config(sources: list[AdapterSource]) -> dict[str, Any] | None:
+    """The first adapter's config, with target_modules widened to what all adapters target."""
+    with_config = [s for s in sources if s.config is not None]
+    if not with_config:
+        return None
+    if len(with_config) != len(sources):
+        missing = next(s for s in sources if s.config is None)
+        raise AdapterError(
+            "has no LoRA config while other adapters do, so its scaling is unknown; "
+            "pass a (state_dict, config) pair",
+            missing.label,
+        )
+    for s in sources:
+        check_config(s.config, s.label)
+    out = dict(with_config[0].config)
+    targets = [s.config.get("target_modules") for s in sources]
+    if all(isinstance(t, (list, tuple, set)) for t in targets):
+        out["target_modules"] = sorted({m for t in targets for m in t})
+    elif any(t != targets[0] for t in targets):
+        raise AdapterError(
+            f"target_modules {targets[0]!r} and {next(t for t in targets if t != targets[0])!r} cannot be "
+            "combined (one is a regular expression)",
+            sources[0].label,
+        )
+    out["inference_mode"] = True
+    return out
+
+
+def build_plan(sources: list[AdapterSource], dtype: torch.dtype | None = None) -> MergePlan:
+    """Validate all adapters against each other and describe the merge. Reads no tensor data."""
+    if not sources:
+        raise AdapterError("no adapters given; merging needs at least one")
+    out_config = _output_config(sources)
+    per_source = [_collect(s) for s in sources]
+
+    module_members: dict[str, list[int]] = {}
+    for t, (factors, _) in enumerate(per_source):
+        if not factors:
+            raise AdapterError("contains no lora_A/lora_B tensors; is it a LoRA adapter?", sources[t].label)
+        for module, slot in factors.items():
+            for factor, other in (("A", "B"), ("B", "A")):
+                if factor in slot and other not in slot:
+                    raise AdapterError(
+                        f"lora_{factor} of module {module!r} has no matching lora_{other}", sources[t].label, slot[factor][0]
+                    )
+            module_members.setdefault(module, []).append(t)
+
+    modules = [
+        _plan_module(name, members, sources, [per_source[t][0][name] for t in members], out_config, dtype)
+        for name, members in module_members.items()
+    ]
+    means = _plan_means(sources, [others for _, others in per_source], dtype)
+    return MergePlan(sources, modules, means, out_config)
+
+
+def _plan_module(name, members, sources, slots, out_config, dtype) -> ModulePlan:
+    ref = None  # (label, A shape, B shape) of the first member
+    a_keys, b_keys, scales = [], [], []
+    for t, slot in zip(members, slots):
+        src = sources[t]
+        (ka, pa), (kb, _) = slot["A"], slot["B"]
+        sa, sb = src.shape(ka), src.shape(kb)
+        for key, shape in ((ka, sa), (kb, sb)):
+            if len(shape) != 2:
+                raise AdapterError(f"expected a 2-D LoRA factor, got shape {list(shape)}", src.label, key)
+            _check_dtype(src, key)
+        if sa[0] != sb[1]:
+            raise AdapterError(
+                f"rank mismatch inside the adapter: lora_A is {list(sa)} but lora_B is {list(sb)}", src.label, kb
+            )
+        if 0 in sa or 0 in sb:
+            raise AdapterError(f"empty LoRA factor (shapes {list(sa)} and {list(sb)})", src.label, ka)
+        if ref is None:
+            ref = (src.label, sa, sb)
+        elif (sa, sb) != ref[1:]:
+            what = "rank" if sa[0] != ref[1][0] else "base layer shape"
+            raise AdapterError(
+                f"{what} differs: lora_A {list(sa)}, lora_B {list(sb)} here but lora_A {list(ref[1])}, "
+                f"lora_B {list(ref[2])} in adapter {ref[0]} (adapters for different base models or ranks "
+                "cannot be merged)",
+                src.label,
+                ka,
+            )
+        scale = 1.0
+        if out_config is not None:
+            r_t, _, s_t = module_scaling(src.config, name)
+            if r_t != sa[0]:
+                raise AdapterError(
+                    f"config says r={r_t} for module {name!r} but lora_A has {sa[0]} rows", src.label, ka
+                )
+            scale = s_t / module_scaling(out_config, name)[2]
+        a_keys.append(ka)
+        b_keys.append(kb)
+        scales.append(scale)
+    first = sources[members[0]]
+    parsed = slots[0]["A"][1]
+    return ModulePlan(
+        name=name,
+        a_key=parsed.saved_key(),
+        b_key=FactorKey(name, "B", parsed.embedding).saved_key(),
+        rank=ref[1][0],
+        in_features=ref[1][1],
+        out_features=ref[2][0],
+        members=tuple(members),
+        a_keys=tuple(a_keys),
+        b_keys=tuple(b_keys),
+        b_scale=tuple(scales),
+        out_dtype=dtype or first.dtype(a_keys[0]),
+    )
+
+
+def _plan_means(sources, others_per_source, dtype) -> list[MeanPlan]:
+    members: dict[str, list[int]] = {}
+    for t, others in enumerate(others_per_source):
+        for key in others:
+            members.setdefault(key, []).append(t)
+    means = []
+    for key, ts in members.items():
+        first = sources[ts[0]]
+        for t in ts:
+            _check_dtype(sources[t], key)
+            if sources[t].shape(key) != first.shape(key):
+                raise AdapterError(
+                    f"shape {list(sources[t].shape(key))} differs from {list(first.shape(key))} in adapter "
+                    f"{first.label}; non-LoRA tensors are averaged and must match",
+                    sources[t].label,
+                    key,
+                )
+        means.append(MeanPlan(key, first.shape(key), tuple(ts), dtype or first.dtype(key)))
+    return means

@@ -1,0 +1,55 @@
+"""LoRA scaling per (adapter, module), as PEFT computes it when it loads the adapter.
+
+``scaling = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA), where ``r`` and
+``lora_alpha`` may be overridden per module by ``rank_pattern`` / ``alpha_pattern``.
+Adapters whose scaling differs from the output's are brought to it by folding the ratio
+into B (SPEC section 3), so the merged adapter's delta is right under the output config.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from .errors import AdapterError
+
+_MODEL_PREFIX = "base_model.model."
+
+# Config switches that change what a LoRA layer computes beyond B @ A * scaling.
+_REFUSED_FLAGS = {
+    "use_dora": "DoRA adapters (use_dora=true) carry magnitude vectors that RobustMerge does not define",
+    "lora_bias": "adapters with a trained lora_B bias (lora_bias=true) cannot be merged as B @ A",
+}
+
+
+def _pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's rule: the first pattern key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def check_config(config: dict[str, Any], label: str) -> None:
+    """Refuse configs whose adapters this library would merge wrongly."""
+    peft_type = config.get("peft_type", "LORA")
+    peft_type = getattr(peft_type, "value", peft_type)  # PeftType enum from LoraConfig.to_dict()
+    if peft_type != "LORA":
+        raise AdapterError(f"peft_type {peft_type!r} is not LORA; only LoRA adapters are merged", label)
+    for flag, reason in _REFUSED_FLAGS.items():
+        if config.get(flag):
+            raise AdapterError(f"unsupported: {reason}", label)
+    for name in ("r", "lora_alpha"):
+        value = config.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise AdapterError(f"{name} in adapter_config.json must be a positive number, got {value!r}", label)
+
+
+def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float, float]:
+    """(r, lora_alpha, scaling) that PEFT uses for ``module`` (a saved-key module path)."""
+    name = module[len(_MODEL_PREFIX) :] if module.startswith(_MODEL_PREFIX) else module
+    r = _pattern_value(config.get("rank_pattern"), name, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return int(r), float(alpha), float(scaling)

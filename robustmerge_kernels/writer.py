@@ -1,0 +1,94 @@
+"""Write a merged adapter as a PEFT folder, atomically.
+
+Everything is written into a hidden temporary folder beside the destination, flushed to
+disk, and only then renamed into place. A crash or error mid-write leaves at most a
+``.<name>.tmp-*`` folder (never a folder under the requested name that looks complete),
+and an existing destination is replaced only when asked, and only after the new one is
+complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+from .errors import AdapterError
+from .sources import CONFIG_NAME, SAFETENSORS_NAME
+
+RECORD_NAME = "robustmerge.json"
+
+
+def check_destination(out: str, overwrite: bool) -> str:
+    """Refuse early (before any merging) a destination that would fail at the end."""
+    out = os.path.abspath(os.fspath(out))
+    parent = os.path.dirname(out)
+    if os.path.exists(out) and not overwrite:
+        raise AdapterError(f"output {out!r} already exists; pass overwrite=True (--overwrite) to replace it")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise AdapterError(f"output {out!r} exists and is not a folder; refusing to replace it")
+    if not os.path.isdir(parent):
+        raise AdapterError(f"parent folder of output {out!r} does not exist")
+    return out
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    value = getattr(obj, "value", None)  # enums such as PeftType / TaskType
+    return value if value is not None else str(obj)
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_adapter(
+    out: str,
+    state_dict: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    record: dict[str, Any],
+    overwrite: bool = False,
+) -> str:
+    """Write ``adapter_model.safetensors``, ``adapter_config.json`` and the merge record."""
+    from safetensors.torch import save_file
+
+    out = check_destination(out, overwrite)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    backup = None
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        weights = os.path.join(tmp, SAFETENSORS_NAME)
+        save_file(tensors, weights, metadata={"format": "pt"})
+        _fsync_file(weights)
+        _write_json(os.path.join(tmp, CONFIG_NAME), config)
+        _write_json(os.path.join(tmp, RECORD_NAME), record)
+        if os.path.exists(out):
+            backup = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+            os.rmdir(backup)
+            os.rename(out, backup)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if backup is not None and not os.path.exists(out):
+            os.rename(backup, out)  # put the user's previous adapter back
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return out
