@@ -58,13 +58,20 @@ class MergeReport:
     def summary(self) -> str:
         line = (
             f"merged {len(self.adapters)} adapters with {self.method}: {self.modules} modules, "
-            f"{self.parameters / 1e6:.2f} M parameters, {self.seconds:.2f} s, backend {self.backend}"
+            f"{_count(self.parameters)} parameters, {self.seconds:.2f} s, backend {self.backend}"
         )
         if self.averaged_tensors:
             line += f", {self.averaged_tensors} non-LoRA tensors averaged"
         if self.partial_modules:
             line += f", {len(self.partial_modules)} modules missing from some adapters"
         return line
+
+
+def _count(n: int) -> str:
+    for div, unit in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
 
 
 class MergedAdapter(dict):

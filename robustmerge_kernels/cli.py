@@ -1,0 +1,90 @@
+"""Command line: ``robustmerge merge``, ``robustmerge demo``, ``robustmerge backends``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import AdapterError
+
+
+def _merge(args) -> int:
+    from . import merge
+
+    result = merge(
+        args.adapters,
+        method=args.method,
+        density=args.density,
+        clamp_quantile=args.clamp_quantile,
+        lam=args.lam,
+        backend=args.backend,
+        out=args.output,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    report = result.report
+    print(f"{report.summary()} -> {args.output}")
+    for module, missing in report.partial_modules.items():
+        print(f"  note: {module} merged without {', '.join(missing)} (absent there)")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(tasks=args.tasks, steps=args.steps, out=args.output, backend=args.backend)
+    return 0
+
+
+def _backends(args) -> int:
+    from .backends import available_backends
+
+    for name, state in available_backends(args.device).items():
+        print(f"{name:12s} {state}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robustmerge", description="Merge LoRA adapters with RobustMerge.")
+    sub = parser.add_subparsers(dest="command")
+
+    m = sub.add_parser("merge", help="merge PEFT adapter folders into one PEFT adapter folder")
+    m.add_argument("adapters", nargs="+", help="PEFT adapter folders (adapter_config.json + weights)")
+    m.add_argument("-o", "--output", required=True, help="output adapter folder (written atomically)")
+    m.add_argument("--method", default="robustmerge")
+    m.add_argument("--density", type=float, default=0.2, help="fraction of each matrix kept (default 0.2)")
+    m.add_argument("--clamp-quantile", type=float, default=0.8, help="lower clamp of A-row scales (default 0.8)")
+    m.add_argument("--lam", type=float, default=2.0, help="fusion weight on merged A and B (default 2.0)")
+    m.add_argument("--backend", default="auto", help="auto (default; $ROBUSTMERGE_BACKEND overrides), reference")
+    m.add_argument("--dtype", default=None, help="output dtype (default: the inputs'): fp32, fp16, bf16")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=_merge)
+
+    d = sub.add_parser("demo", help="train tiny adapters offline, merge them, load the result in peft")
+    d.add_argument("--tasks", type=int, default=3)
+    d.add_argument("--steps", type=int, default=60)
+    d.add_argument("-o", "--output", default=None, help="keep the merged adapter here")
+    d.add_argument("--backend", default="auto")
+    d.set_defaults(func=_demo)
+
+    b = sub.add_parser("backends", help="list backends and whether they can run here")
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=_backends)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command is None:  # the main job with no arguments is the offline demo
+        args = build_parser().parse_args(["demo"])
+    try:
+        return args.func(args)
+    except AdapterError as exc:
+        print(f"robustmerge: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny Llama and LoRA adapters really trained on it with peft."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from robustmerge_kernels.toy import tiny_llama, train_adapter
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="session")
+def base_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def trained_models(base_model):
+    """Three peft models, one per toy task, trained for a few optimizer steps."""
+    return [train_adapter(base_model, task, steps=8, r=4, lora_alpha=8, lr=2e-2) for task in range(3)]
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(trained_models, tmp_path_factory):
+    """The trained adapters saved as PEFT folders (adapter_config.json + safetensors)."""
+    root = tmp_path_factory.mktemp("adapters")
+    folders = []
+    for i, model in enumerate(trained_models):
+        folder = root / f"task{i}"
+        model.save_pretrained(str(folder))
+        folders.append(str(folder))
+    return folders
+
+
+@pytest.fixture
+def fresh_base(base_model):
+    return copy.deepcopy(base_model)
+
+
+def lora_pair(seed: int, r: int = 4, n: int = 12, m: int = 10, modules=("q", "v"), dtype=torch.float32, alpha=8):
+    """A small synthetic adapter as a (state_dict, config) pair with PEFT key names."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name in modules:
+        prefix = f"base_model.model.layers.0.{name}"
+        sd[f"{prefix}.lora_A.weight"] = (torch.rand(r, n, generator=g) * 2 - 1).to(dtype)
+        sd[f"{prefix}.lora_B.weight"] = (torch.randn(m, r, generator=g) * 0.1).to(dtype)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(modules)}
+    return sd, config
