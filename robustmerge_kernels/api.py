@@ -96,6 +96,16 @@ def _load(source: AdapterSource, key: str, device: torch.device) -> torch.Tensor
     return x.to(device)
 
 
+def _finite_output(key: str, x: torch.Tensor) -> torch.Tensor:
+    """Finite inputs can still overflow the output dtype (lam * sum of fp16 values): refuse."""
+    if not torch.isfinite(x).all():
+        raise AdapterError(
+            f"merged values overflow the output dtype {x.dtype}; choose a wider dtype (dtype='fp32', --dtype fp32)",
+            tensor=key,
+        )
+    return x
+
+
 def _groups(modules: list[ModulePlan], sources: list[AdapterSource], group_bytes: int) -> Iterator[list[ModulePlan]]:
     group, size = [], 0
     for m in modules:
@@ -159,12 +169,13 @@ def merge(
             for m in group
         ]
         for m, (a, b) in zip(group, impl.robustmerge(inputs, params)):
-            merged[m.a_key] = a
-            merged[m.b_key] = b
+            merged[m.a_key] = _finite_output(m.a_key, a)
+            merged[m.b_key] = _finite_output(m.b_key, b)
         bar.update(len(group))
     bar.close()
     for mean in plan.means:
-        merged[mean.key] = mean_tensors([_load(sources[t], mean.key, device) for t in mean.members], mean.out_dtype)
+        values = [_load(sources[t], mean.key, device) for t in mean.members]
+        merged[mean.key] = _finite_output(mean.key, mean_tensors(values, mean.out_dtype))
 
     merged.config = plan.out_config
     merged.report = MergeReport(

@@ -10,7 +10,8 @@ Numerics, chosen once and shared by every backend:
     same as in the input dtype.
   * Pruning is scale-invariant, so the ratio that brings an adapter to the output scaling
     (``b_scale``) multiplies the *kept* B values; masks never depend on it.
-  * Sums are float32 (float64 for float64 input); the result is cast to the output dtype.
+  * Sums of the merged factors are float32 (float64 for float64 input); row sums and
+    means are float64. The result is cast to the output dtype.
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def row_scales(a: torch.Tensor, mask_a: torch.Tensor, clamp_quantile: float) -> torch.Tensor:
-    """Steps 2-3 for ``a[T, r, n]``: per task, row-sum ratio then the lower quantile clamp."""
-    mag = a.abs()
+    """Steps 2-3 for ``a[T, r, n]``: per task, row-sum ratio then the lower quantile clamp.
+
+    Row sums are float64: a row of float32 values near the maximum would overflow a
+    float32 sum and turn the scale into inf/inf = NaN. Returns float64 scales [T, r].
+    """
+    mag = a.abs().to(torch.float64)
     total = mag.sum(dim=2)
     kept = (mag * mask_a).sum(dim=2)
     # A row whose kept mass is zero has nothing to compensate (official code: inf/NaN).
@@ -82,15 +87,20 @@ def robustmerge_module(
     a_kept = a * mask_a
     b_kept = b * mask_b
     merged_a = params.lam * a_kept.sum(dim=0)
-    merged_b = params.lam * (b_kept * s[:, None, :]).sum(dim=0) / s.sum(dim=0)
+    # sum_t s_t B_t / sum_t s_t, with the normalised weights w_t = s_t / sum_t s_t in [0, 1]
+    # formed first (in float64), so large B values cannot overflow through s_t * B_t.
+    w = (s / s.sum(dim=0)).to(ct)
+    merged_b = params.lam * (b_kept * w[:, None, :]).sum(dim=0)
     out_dtype = out_dtype or a_list[0].dtype
     return ModuleResult(merged_a.to(out_dtype), merged_b.to(out_dtype), mask_a, mask_b, s)
 
 
 def mean_tensors(tensors: Sequence[torch.Tensor], out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """SPEC step 5: element-wise mean of non-LoRA tensors, summed in a fixed order."""
-    ct = compute_dtype(*(x.dtype for x in tensors))
-    acc = tensors[0].to(ct, copy=True)
+    """SPEC step 5: element-wise mean of non-LoRA tensors, summed in a fixed order.
+
+    The sum is float64 so that the mean of values near a dtype's maximum cannot overflow.
+    """
+    acc = tensors[0].to(torch.float64, copy=True)
     for x in tensors[1:]:
-        acc += x.to(ct)
+        acc += x.to(torch.float64)
     return (acc / len(tensors)).to(out_dtype or tensors[0].dtype)

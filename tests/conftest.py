@@ -20,8 +20,17 @@ def base_model():
 
 @pytest.fixture(scope="session")
 def trained_models(base_model):
-    """Three peft models, one per toy task, trained for a few optimizer steps."""
-    return [train_adapter(base_model, task, steps=8, r=4, lora_alpha=8, lr=2e-2) for task in range(3)]
+    """Three peft models, one per toy task, trained for a few optimizer steps.
+
+    One thread: the model is tiny, and on a busy 2-core machine torch's thread pool
+    competing with another process makes training 100x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [train_adapter(base_model, task, steps=8, r=4, lora_alpha=8, lr=2e-2) for task in range(3)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

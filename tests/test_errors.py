@@ -197,3 +197,11 @@ def test_failure_during_write_leaves_nothing_and_keeps_previous_output(tmp_path,
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_output_overflowing_its_dtype_is_refused(tmp_path):
+    """Finite fp16 inputs whose merge exceeds 65504 would silently become inf: refused."""
+    sd, config = lora_pair(0, dtype=torch.float16)
+    sd["base_model.model.layers.0.q.lora_A.weight"].fill_(6e4)
+    _merge_expecting([(sd, config), (sd, config)], tmp_path, "q.lora_A.weight", "overflow the output dtype torch.float16")
+    assert torch.isfinite(rk.merge([(sd, config), (sd, config)], dtype="fp32")["base_model.model.layers.0.q.lora_A.weight"]).all()
