@@ -1,0 +1,26 @@
+"""The benchmark harness must keep working: run its small cases once, untimed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from robustmerge_kernels import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmarks_run_untimed(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-disable", "-k", "clip", "-q",
+         "--bench-csv", str(tmp_path / "bench.csv"), "-p", "no:cacheprovider"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout.splitlines()[-1]
+
+
+def test_synthetic_shapes_match_the_spec_parameter_counts():
+    assert round(synthetic.param_count("llava-7b") / 1e6, 1) == 40.0
+    assert round(synthetic.param_count("llava-13b") / 1e6, 1) == 62.6
