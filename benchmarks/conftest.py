@@ -332,7 +332,34 @@ def run_bench(benchmark, request, bench_case: BenchCase, case_data: CaseData, im
 CSV_COLUMNS = (
     "case", "backend", "median_s", "gb_s", "ratio_to_copy", "ratio_to_reference", "ratio_to_copy_paired",
     "min_s", "spread", "rounds", "load1", "bytes_read", "shape", "T", "dtype", "layers", "rank", "threads",
+    "device", "commit", "date",
 )  # fmt: skip
+
+
+def _provenance() -> tuple[str, str, str]:
+    """(device, commit, date) so a committed CSV says what it measured and when."""
+    import platform
+    import subprocess
+
+    device = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            device = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = f"{device} ({os.cpu_count()} cpus)"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS_DIR.parent, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+            cwd=RESULTS_DIR.parent, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        commit = f"{commit}{'+dirty' if dirty else ''}" or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return device, commit, _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
 
 
 # A wrapper, outermost: pytest-benchmark saves its JSON in a (plain) hook wrapper, so the
@@ -354,6 +381,7 @@ def _finish_session(session) -> None:
     path = Path(option) if option else RESULTS_DIR / f"{bs.mode}-{stamp}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     order = {c.id: i for i, c in enumerate(bs.cases)}
+    provenance = _provenance()
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
@@ -363,7 +391,7 @@ def _finish_session(session) -> None:
                 c.id, row.impl, f"{row.median_s:.6g}", f"{row.gb_s:.4g}",
                 _fmt(bs.ratio(row, COPY_ROW)), _fmt(bs.ratio(row, REFERENCE_ROW)), _fmt(row.paired_copy_ratio),
                 f"{row.min_s:.6g}", f"{row.spread:.3g}", row.rounds, _fmt(row.load1), row.bytes_read,
-                c.shape, c.T, c.dtype, c.layers or "", c.rank, row.extra_info.get("threads", ""),
+                c.shape, c.T, c.dtype, c.layers or "", c.rank, row.extra_info.get("threads", ""), *provenance,
             ])  # fmt: skip
     bs.csv_path = path
 
