@@ -109,6 +109,18 @@ def _from_state_dict(state_dict: Mapping[str, Any], config: dict | None, label: 
     return AdapterSource(label, config, shapes, dtypes, tensors.__getitem__)
 
 
+def _load_bin(path: str, label: str) -> Mapping[str, Any]:
+    """torch.load a .bin adapter, memory-mapped (paged in as the merge reads it) when the
+    file is in the zip format; the legacy pre-1.6 format cannot be mapped and loads whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterError(f"cannot load {path!r}: {exc}", label) from exc
+
+
 def _config_to_dict(config: Any, label: str) -> dict[str, Any]:
     if isinstance(config, Mapping):
         return dict(config)
@@ -131,10 +143,7 @@ def open_adapter(obj: Any, index: int) -> AdapterSource:
         if os.path.isfile(st_path):
             source = _open_safetensors(st_path, label)
         elif os.path.isfile(bin_path):
-            try:
-                state = torch.load(bin_path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise AdapterError(f"cannot load {bin_path!r}: {exc}", label) from exc
+            state = _load_bin(bin_path, label)
             source = _from_state_dict(state, None, label)
             source.path = bin_path
         else:

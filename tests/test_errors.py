@@ -205,3 +205,14 @@ def test_output_overflowing_its_dtype_is_refused(tmp_path):
     sd["base_model.model.layers.0.q.lora_A.weight"].fill_(6e4)
     _merge_expecting([(sd, config), (sd, config)], tmp_path, "q.lora_A.weight", "overflow the output dtype torch.float16")
     assert torch.isfinite(rk.merge([(sd, config), (sd, config)], dtype="fp32")["base_model.model.layers.0.q.lora_A.weight"]).all()
+
+
+def test_legacy_bin_format_is_read(adapter_dirs, tmp_path):
+    """Pre-1.6 torch.save files (not zip, so not memory-mappable) still load."""
+    legacy = _copy(adapter_dirs[1], tmp_path / "legacy")
+    st = os.path.join(legacy, "adapter_model.safetensors")
+    torch.save(load_file(st), os.path.join(legacy, "adapter_model.bin"), _use_new_zipfile_serialization=False)
+    os.remove(st)
+    a = rk.merge([adapter_dirs[0], legacy])
+    b = rk.merge(adapter_dirs[:2])
+    assert all(torch.equal(a[k], b[k]) for k in a)
