@@ -1,19 +1,58 @@
-"""Package build. Pure Python for now; the CMake-built kernel extensions plug in here."""
+"""Package build: setuptools drives CMakeLists.txt to build the compiled backends.
 
+`pip install -e .` (or a wheel build) configures CMake in build/ and writes the extension
+modules next to the Python sources. Environment knobs: RMK_NATIVE=0 for a portable build
+(no -march=native), RMK_CMAKE_ARGS for extra CMake arguments, RMK_BUILD_JOBS for make -j.
+"""
+
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
-version = re.search(r'"(.+)"', Path("robustmerge_kernels/_version.py").read_text()).group(1)
+ROOT = Path(__file__).resolve().parent
+version = re.search(r'"(.+)"', (ROOT / "robustmerge_kernels/_version.py").read_text()).group(1)
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str, target: str):
+        super().__init__(name, sources=[])
+        self.target = target
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: CMakeExtension) -> None:
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+        args = [
+            f"-DRMK_OUTPUT_DIR={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DRMK_NATIVE={'OFF' if os.environ.get('RMK_NATIVE') == '0' else 'ON'}",
+            *shlex.split(os.environ.get("RMK_CMAKE_ARGS", "")),
+        ]
+        subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args])
+        jobs = os.environ.get("RMK_BUILD_JOBS", str(os.cpu_count() or 1))
+        subprocess.check_call(["cmake", "--build", str(build_dir), "--target", ext.target, "-j", jobs])
+
 
 setup(
     name="robustmerge_kernels",
     version=version,
     description="Fast, exact RobustMerge (NeurIPS 2025) merging of LoRA adapters",
-    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["robustmerge_kernels", "robustmerge_kernels.*"]),
+    ext_modules=[CMakeExtension("robustmerge_kernels._cpu", target="_cpu")],
+    cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     # torch is pinned in requirements.txt (the CPU wheel on the project's machines); here a
     # lower bound only, so installing this package never pulls a different torch build.

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ._version import __version__
-from .backends import ModuleInputs, get_backend
+from .backends import ModuleInputs, NonFiniteInput, OutputOverflow, get_backend
 from .errors import AdapterError
 from .params import RobustMergeParams
 from .plan import MergePlan, ModulePlan, build_plan
@@ -97,26 +97,31 @@ def require_finite(x: torch.Tensor, adapter: str, key: str) -> None:
         raise AdapterError(f"contains {bad} NaN/Inf values; refusing to merge non-finite weights", adapter, key)
 
 
-def _load(source: AdapterSource, key: str, device: torch.device) -> torch.Tensor:
+def _load(source: AdapterSource, key: str, device: torch.device, check_finite: bool = True) -> torch.Tensor:
     x = source.get(key)
-    require_finite(x, source.label, key)
+    if check_finite:
+        require_finite(x, source.label, key)
     return x.to(device)
 
 
 def _finite_output(key: str, x: torch.Tensor) -> torch.Tensor:
     """Finite inputs can still overflow the output dtype (lam * sum of fp16 values): refuse."""
     if not torch.isfinite(x).all():
-        raise AdapterError(
-            f"merged values overflow the output dtype {x.dtype}; choose a wider dtype (dtype='fp32', --dtype fp32)",
-            tensor=key,
-        )
+        _refuse_overflow(key, x.dtype)
     return x
 
 
-def _groups(modules: list[ModulePlan], sources: list[AdapterSource], group_bytes: int) -> Iterator[list[ModulePlan]]:
+def _refuse_overflow(key: str, dtype: torch.dtype):
+    raise AdapterError(
+        f"merged values overflow the output dtype {dtype}; choose a wider dtype (dtype='fp32', --dtype fp32)",
+        tensor=key,
+    )
+
+
+def _groups(modules: list[ModulePlan], group_bytes: int) -> Iterator[list[ModulePlan]]:
     group, size = [], 0
     for m in modules:
-        nbytes = sum(m.numel * sources[t].dtype(k).itemsize for t, k in zip(m.members, m.a_keys))
+        nbytes = m.nbytes_in
         if group and size + nbytes > group_bytes:
             yield group
             group, size = [], 0
@@ -166,18 +171,28 @@ def merge(
 
     merged = MergedAdapter()
     bar = _progress_bar(len(plan.modules), progress)
-    for group in _groups(plan.modules, sources, group_bytes):
+    scan = not getattr(impl, "checks_finite", False)  # kernels that see inf/NaN themselves skip a pass
+    for group in _groups(plan.modules, group_bytes):
         inputs = [
             ModuleInputs(
                 m,
-                [_load(sources[t], k, device) for t, k in zip(m.members, m.a_keys)],
-                [_load(sources[t], k, device) for t, k in zip(m.members, m.b_keys)],
+                [_load(sources[t], k, device, scan) for t, k in zip(m.members, m.a_keys)],
+                [_load(sources[t], k, device, scan) for t, k in zip(m.members, m.b_keys)],
             )
             for m in group
         ]
-        for m, (a, b) in zip(group, impl.robustmerge(inputs, params)):
-            merged[m.a_key] = _finite_output(m.a_key, a)
-            merged[m.b_key] = _finite_output(m.b_key, b)
+        try:
+            results = impl.robustmerge(inputs, params)
+        except NonFiniteInput as exc:  # name the adapter and tensor, with the full count
+            t = exc.plan.members[exc.member]
+            key = (exc.plan.a_keys if exc.factor == "A" else exc.plan.b_keys)[exc.member]
+            require_finite(sources[t].get(key), sources[t].label, key)
+            raise AdapterError("contains NaN/Inf values", sources[t].label, key) from exc
+        except OutputOverflow as exc:
+            _refuse_overflow(exc.plan.a_key if exc.factor == "A" else exc.plan.b_key, exc.plan.out_dtype)
+        for m, (a, b) in zip(group, results):
+            merged[m.a_key] = a if not scan else _finite_output(m.a_key, a)
+            merged[m.b_key] = b if not scan else _finite_output(m.b_key, b)
         bar.update(len(group))
     bar.close()
     for mean in plan.means:

@@ -39,8 +39,14 @@ class FactorKey:
         return f"{self.module}.lora_{self.factor}.weight"
 
 
+_SAVED_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+
+
 def parse_factor(key: str) -> FactorKey | None:
     """Return the LoRA factor a key holds, or None when it is not a LoRA A/B factor."""
+    suffix = key[-14:]  # the common saved form, without a regular expression (planning hot path)
+    if suffix in _SAVED_SUFFIXES and len(key) > 14:
+        return FactorKey(module=key[:-14], factor=_SAVED_SUFFIXES[suffix], embedding=False)
     m = _FACTOR.match(key)
     if m is None:
         return None

@@ -20,7 +20,7 @@ import torch
 
 from .errors import AdapterError
 from .keys import FactorKey, parse_factor, unsupported_lora_part
-from .scaling import check_config, module_scaling
+from .scaling import ScalingRule, check_config
 from .sources import AdapterSource
 
 MERGEABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -44,6 +44,7 @@ class ModulePlan:
     b_keys: tuple[str, ...]
     b_scale: tuple[float, ...]  # per member: its scaling / the output scaling
     out_dtype: torch.dtype
+    nbytes_in: int  # bytes of all members' A and B
 
     @property
     def numel(self) -> int:
@@ -79,12 +80,7 @@ class MergePlan:
         return torch.tensor(rows, dtype=torch.int64).reshape(-1, len(ITEM_COLUMNS))
 
     def bytes_in(self) -> int:
-        total = 0
-        for m in self.modules:
-            for t, ka, kb in zip(m.members, m.a_keys, m.b_keys):
-                src = self.sources[t]
-                total += _nbytes(src.shape(ka), src.dtype(ka)) + _nbytes(src.shape(kb), src.dtype(kb))
-        return total
+        return sum(m.nbytes_in for m in self.modules)
 
     def partial_modules(self) -> list[ModulePlan]:
         """Modules that some adapters do not carry (merged over those that do)."""
@@ -180,20 +176,24 @@ def build_plan(sources: list[AdapterSource], dtype: torch.dtype | None = None) -
                     )
             module_members.setdefault(module, []).append(t)
 
+    rules = None
+    if out_config is not None:
+        rules = [ScalingRule(s.config) for s in sources], ScalingRule(out_config)
     modules = [
-        _plan_module(name, members, sources, [per_source[t][0][name] for t in members], out_config, dtype)
+        _plan_module(name, members, sources, [per_source[t][0][name] for t in members], rules, dtype)
         for name, members in module_members.items()
     ]
     means = _plan_means(sources, [others for _, others in per_source], dtype)
     return MergePlan(sources, modules, means, out_config)
 
 
-def _plan_module(name, members, sources, slots, out_config, dtype) -> ModulePlan:
+def _plan_module(name, members, sources, slots, rules, dtype) -> ModulePlan:
     ref = None  # (label, A shape, B shape) of the first member
     a_keys, b_keys, scales = [], [], []
+    nbytes = 0
     for t, slot in zip(members, slots):
         src = sources[t]
-        (ka, pa), (kb, _) = slot["A"], slot["B"]
+        (ka, _pa), (kb, _) = slot["A"], slot["B"]
         sa, sb = src.shape(ka), src.shape(kb)
         for key, shape in ((ka, sa), (kb, sb)):
             if len(shape) != 2:
@@ -217,13 +217,14 @@ def _plan_module(name, members, sources, slots, out_config, dtype) -> ModulePlan
                 ka,
             )
         scale = 1.0
-        if out_config is not None:
-            r_t, _, s_t = module_scaling(src.config, name)
+        if rules is not None:
+            r_t, _, s_t = rules[0][t](name)
             if r_t != sa[0]:
                 raise AdapterError(
                     f"config says r={r_t} for module {name!r} but lora_A has {sa[0]} rows", src.label, ka
                 )
-            scale = s_t / module_scaling(out_config, name)[2]
+            scale = s_t / rules[1](name)[2]
+        nbytes += _nbytes(sa, src.dtype(ka)) + _nbytes(sb, src.dtype(kb))
         a_keys.append(ka)
         b_keys.append(kb)
         scales.append(scale)
@@ -241,6 +242,7 @@ def _plan_module(name, members, sources, slots, out_config, dtype) -> ModulePlan
         b_keys=tuple(b_keys),
         b_scale=tuple(scales),
         out_dtype=dtype or first.dtype(a_keys[0]),
+        nbytes_in=nbytes,
     )
 
 

@@ -53,3 +53,16 @@ def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float, flo
     alpha = _pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return int(r), float(alpha), float(scaling)
+
+
+class ScalingRule:
+    """module_scaling for one config, computed once when the config has no per-module
+    patterns (the common case; planning calls this for every module of every adapter)."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        patterned = config.get("rank_pattern") or config.get("alpha_pattern")
+        self._constant = None if patterned else module_scaling(config, "")
+
+    def __call__(self, module: str) -> tuple[int, float, float]:
+        return self._constant or module_scaling(self.config, module)

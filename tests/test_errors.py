@@ -14,6 +14,13 @@ from safetensors.torch import load_file, save_file
 import robustmerge_kernels as rk
 
 
+@pytest.fixture(autouse=True, params=["reference", "cpu"])
+def backend(request, monkeypatch):
+    """Every bad input through each backend: they detect inf/NaN in different places."""
+    monkeypatch.setenv("ROBUSTMERGE_BACKEND", request.param)
+    return request.param
+
+
 def _copy(src: str, dst) -> str:
     shutil.copytree(src, dst)
     return str(dst)

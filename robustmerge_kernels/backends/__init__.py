@@ -37,6 +37,7 @@ class ModuleInputs:
 
 class Backend(Protocol):
     name: str
+    checks_finite: bool  # True: the backend reports inf/NaN inputs (NonFiniteInput) and outputs (OutputOverflow)
 
     def robustmerge(
         self, group: list[ModuleInputs], params: RobustMergeParams
@@ -45,6 +46,24 @@ class Backend(Protocol):
 
 class BackendUnavailable(RuntimeError):
     """Raised by a factory when its backend cannot run here (no compiler, no GPU, ...)."""
+
+
+class NonFiniteInput(Exception):
+    """Raised by a backend whose kernel found inf/NaN (``checks_finite`` backends); the API
+    turns it into an AdapterError naming the adapter and tensor."""
+
+    def __init__(self, plan: ModulePlan, member: int, factor: str):
+        super().__init__(f"{plan.name}: member {member} lora_{factor} is not finite")
+        self.plan, self.member, self.factor = plan, member, factor
+
+
+class OutputOverflow(Exception):
+    """Raised by a ``checks_finite`` backend whose merged ``factor`` ("A"/"B") of ``plan``
+    does not fit its output dtype (finite inputs, inf after the merge)."""
+
+    def __init__(self, plan: ModulePlan, factor: str):
+        super().__init__(f"{plan.name}: merged lora_{factor} overflows {plan.out_dtype}")
+        self.plan, self.factor = plan, factor
 
 
 @dataclass(frozen=True)
@@ -111,5 +130,12 @@ def _reference_factory() -> Backend:
     return ReferenceBackend()
 
 
+def _cpu_factory() -> Backend:
+    from .cpu import CpuBackend
+
+    return CpuBackend()
+
+
 # The pure-PyTorch default runs everywhere torch does; compiled backends outrank it.
 register_backend("reference", _reference_factory, devices=("cpu", "cuda", "mps", "xpu"), priority=0)
+register_backend("cpu", _cpu_factory, devices=("cpu",), priority=10)
