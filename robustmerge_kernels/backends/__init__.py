@@ -136,6 +136,25 @@ def _cpu_factory() -> Backend:
     return CpuBackend()
 
 
+def _triton_factory() -> Backend:
+    try:
+        from .triton_backend import TritonBackend
+    except ImportError as exc:
+        raise BackendUnavailable(f"triton backend not importable ({exc})") from exc
+    return TritonBackend()  # raises BackendUnavailable itself without triton or a GPU
+
+
+def _cuda_factory() -> Backend:
+    try:
+        from .cuda import CudaBackend
+    except ImportError as exc:
+        raise BackendUnavailable(f"cuda backend not importable ({exc})") from exc
+    return CudaBackend()  # raises BackendUnavailable itself without the extension or a GPU
+
+
 # The pure-PyTorch default runs everywhere torch does; compiled backends outrank it.
 register_backend("reference", _reference_factory, devices=("cpu", "cuda", "mps", "xpu"), priority=0)
 register_backend("cpu", _cpu_factory, devices=("cpu",), priority=10)
+# On GPUs the ahead-of-time CUDA kernels are preferred; Triton serves where they are absent.
+register_backend("triton", _triton_factory, devices=("cuda",), priority=20)
+register_backend("cuda", _cuda_factory, devices=("cuda",), priority=30)
