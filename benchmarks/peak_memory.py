@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import os
 import tempfile
 
@@ -31,6 +32,17 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def _write_folders(shape: str, T: int, dtype: str, layers: int | None, root: str) -> None:
+    from safetensors.torch import save_file
+
+    for i, (sd, config) in enumerate(synthetic.synthetic_adapters(shape, T, dtype=DTYPES[dtype], layers=layers)):
+        folder = os.path.join(root, f"a{i:04d}")
+        os.makedirs(folder)
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "adapter_model.safetensors"))
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            json.dump(config, f)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llava-7b")
@@ -39,29 +51,29 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--backend", default="cpu")
     p.add_argument("--from-disk", action="store_true", help="merge PEFT folders (safetensors) instead of dicts")
+    p.add_argument("--group-mb", type=int, default=None, help="input MB per backend call (default: the library's)")
     args = p.parse_args()
 
-    adapters = synthetic.synthetic_adapters(args.shape, args.T, dtype=DTYPES[args.dtype], layers=args.layers)
     module_bytes = max(args.T * 16 * (n + m) * DTYPES[args.dtype].itemsize for _, n, m in synthetic.module_list(args.shape, args.layers))
     tmp = None
     if args.from_disk:
-        from safetensors.torch import save_file
-
+        # Write the folders from a child process: freed tensors would otherwise stay in
+        # this process's heap and hide the merge's own allocations from the measurement.
         tmp = tempfile.TemporaryDirectory(prefix="rm-peak-")
-        folders = []
-        for i, (sd, config) in enumerate(adapters):
-            folder = os.path.join(tmp.name, f"a{i}")
-            os.makedirs(folder)
-            save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "adapter_model.safetensors"))
-            with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-                json.dump(config, f)
-            folders.append(folder)
-        adapters = folders  # the in-memory copies are dropped: inputs now live on disk
+        ctx = multiprocessing.get_context("spawn")
+        child = ctx.Process(target=_write_folders, args=(args.shape, args.T, args.dtype, args.layers, tmp.name))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise SystemExit("writing the adapter folders failed")
+        adapters = sorted(os.path.join(tmp.name, d) for d in os.listdir(tmp.name))
+    else:
+        adapters = synthetic.synthetic_adapters(args.shape, args.T, dtype=DTYPES[args.dtype], layers=args.layers)
     gc.collect()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
-    merged = rk.merge(adapters, backend=args.backend)
+    merged = rk.merge(adapters, backend=args.backend, group_bytes=args.group_mb and args.group_mb << 20)
     peak = _status_kib("VmHWM")
     out_bytes = sum(v.numel() * v.element_size() for v in merged.values())
     extra = (peak - before) * 1024

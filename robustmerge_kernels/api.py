@@ -10,20 +10,22 @@ from typing import Any
 
 import torch
 
-from ._version import __version__
 from .backends import ModuleInputs, NonFiniteInput, OutputOverflow, get_backend
 from .errors import AdapterError
 from .params import RobustMergeParams
 from .plan import MergePlan, ModulePlan, build_plan
 from .reference import mean_tensors
 from .sources import AdapterSource, open_adapter
+from .record import InputHashes, build_record
 from .writer import check_destination, write_adapter
 
 METHODS = ("robustmerge",)
 
 # Modules are handed to the backend in groups of about this many input bytes: large enough
 # for a fused kernel to fill the machine, small enough to bound memory by a working set.
+# Inputs read from files are copied into memory per group, so their groups are smaller.
 DEFAULT_GROUP_BYTES = 256 << 20
+FILE_GROUP_BYTES = 64 << 20
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -143,7 +145,7 @@ def merge(
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = False,
-    group_bytes: int = DEFAULT_GROUP_BYTES,
+    group_bytes: int | None = None,
 ) -> MergedAdapter:
     """Merge LoRA adapters into one adapter of the same rank.
 
@@ -162,16 +164,59 @@ def merge(
     if out is not None:
         check_destination(out, overwrite)
 
-    sources = [open_adapter(a, i) for i, a in enumerate(adapters)]
+    sources: list[AdapterSource] = []
+    try:
+        for i, a in enumerate(adapters):
+            sources.append(open_adapter(a, i))
+        return _merge_sources(sources, method, params, out_dtype, backend, out, overwrite, progress, group_bytes, start)
+    finally:
+        for source in sources:
+            source.close()
+
+
+def _merge_sources(sources, method, params, out_dtype, backend, out, overwrite, progress, group_bytes, start):
     plan = build_plan(sources, out_dtype)
     if out is not None and plan.out_config is None:
         raise AdapterError("cannot write a PEFT folder: no adapter came with a LoRA config; pass (state_dict, config)")
     device = _device_of(sources, plan)
     impl = get_backend(backend, device.type)
 
+    hashes = InputHashes(sources) if out is not None else None
+    try:
+        merged = _run_plan(plan, sources, impl, params, device, progress, group_bytes)
+    except BaseException:
+        if hashes is not None:
+            hashes.cancel()
+        raise
+    merged.report = MergeReport(
+        method=method,
+        backend=impl.name,
+        adapters=[s.label for s in sources],
+        modules=len(plan.modules),
+        parameters=sum(v.numel() for v in merged.values()),
+        bytes_in=plan.bytes_in(),
+        seconds=0.0,
+        hyperparameters=asdict(params),
+        partial_modules={
+            m.name: [s.label for t, s in enumerate(sources) if t not in m.members] for m in plan.partial_modules()
+        },
+        averaged_tensors=len(plan.means),
+    )
+    if out is not None:
+        report = {k: v for k, v in asdict(merged.report).items() if k not in ("seconds", "adapters")}
+        write_adapter(out, merged, plan.out_config, build_record(sources, hashes.result(), report), overwrite)
+    merged.report.seconds = time.perf_counter() - start
+    return merged
+
+
+def _run_plan(plan, sources, impl, params, device, progress, group_bytes) -> MergedAdapter:
+    """Load, merge and collect every module group, then the averaged non-LoRA tensors."""
     merged = MergedAdapter()
+    merged.config = plan.out_config
     bar = _progress_bar(len(plan.modules), progress)
     scan = not getattr(impl, "checks_finite", False)  # kernels that see inf/NaN themselves skip a pass
+    if group_bytes is None:
+        group_bytes = FILE_GROUP_BYTES if any(s.path is not None for s in sources) else DEFAULT_GROUP_BYTES
     for group in _groups(plan.modules, group_bytes):
         inputs = [
             ModuleInputs(
@@ -199,29 +244,6 @@ def merge(
         values = [_load(sources[t], mean.key, device) for t in mean.members]
         merged[mean.key] = _finite_output(mean.key, mean_tensors(values, mean.out_dtype))
 
-    merged.config = plan.out_config
-    merged.report = MergeReport(
-        method=method,
-        backend=impl.name,
-        adapters=[s.label for s in sources],
-        modules=len(plan.modules),
-        parameters=sum(v.numel() for v in merged.values()),
-        bytes_in=plan.bytes_in(),
-        seconds=0.0,
-        hyperparameters=asdict(params),
-        partial_modules={
-            m.name: [s.label for t, s in enumerate(sources) if t not in m.members] for m in plan.partial_modules()
-        },
-        averaged_tensors=len(plan.means),
-    )
-    if out is not None:
-        record = {
-            "library": "robustmerge_kernels",
-            "version": __version__,
-            **{k: v for k, v in asdict(merged.report).items() if k not in ("seconds",)},
-        }
-        write_adapter(out, merged, plan.out_config, record, overwrite)
-    merged.report.seconds = time.perf_counter() - start
     return merged
 
 

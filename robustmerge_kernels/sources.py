@@ -8,10 +8,11 @@ touches only headers and merging holds one module's inputs at a time.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,7 +33,11 @@ class AdapterSource:
     _shapes: dict[str, tuple[int, ...]]
     _dtypes: dict[str, torch.dtype]
     _loader: Any  # callable key -> tensor
-    path: str | None = None
+    path: str | None = None  # the weights file, when read from one
+    closer: Any = None  # releases open files
+    folder: str | None = None  # the adapter folder, when read from one
+    files: list[str] = field(default_factory=list)  # every file the adapter was read from
+
 
     def keys(self) -> list[str]:
         return list(self._shapes)
@@ -42,6 +47,10 @@ class AdapterSource:
 
     def dtype(self, key: str) -> torch.dtype:
         return self._dtypes[key]
+
+    def close(self) -> None:
+        if self.closer is not None:
+            self.closer()
 
     def get(self, key: str) -> torch.Tensor:
         try:
@@ -66,32 +75,101 @@ def _read_config(folder: str, label: str) -> dict[str, Any]:
     return config
 
 
+# safetensors dtype names this library merges (others are refused when planned).
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ST_OTHER = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 << 20
+
+
+class SafetensorsFile:
+    """A safetensors file read tensor by tensor with positional reads into fresh buffers.
+
+    Reading with preadv instead of memory-mapping keeps the file's pages out of the
+    process: peak memory is what the merge holds, not the size of the inputs. The header
+    is validated up front (offsets inside the file, sizes matching dtype and shape, no
+    duplicate keys), so a truncated or corrupt file is refused before any merging.
+    """
+
+    def __init__(self, path: str, label: str):
+        self.path, self.label = path, label
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            self._parse_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _fail(self, reason: str, key: str | None = None):
+        raise AdapterError(f"corrupt safetensors file {self.path!r}: {reason}", self.label, key)
+
+    def _parse_header(self) -> None:
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            self._fail("shorter than its 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > min(_MAX_HEADER, size - 8):
+            self._fail(f"header length {n} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(os.pread(self._fd, n, 8), object_pairs_hook=_no_duplicates)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._fail(f"header is not valid JSON ({exc})")
+        if not isinstance(header, dict):
+            self._fail("header is not a JSON object")
+        self._data = 8 + n
+        self.shapes, self.dtypes, self._spans = {}, {}, {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                name, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                self._fail("malformed tensor entry", key)
+            if name not in _ST_DTYPES:
+                if name not in _ST_OTHER:
+                    self._fail(f"unknown dtype {name!r}", key)
+                raise AdapterError(f"dtype {name} is not a floating-point type this library merges", self.label, key)
+            numel = 1
+            for d in shape:
+                if d < 0:
+                    self._fail(f"negative dimension in shape {list(shape)}", key)
+                numel *= d
+            if not (0 <= start <= end <= size - self._data) or end - start != numel * _ST_DTYPES[name].itemsize:
+                self._fail(f"data offsets [{start}, {end}) do not fit the file or the shape {list(shape)}", key)
+            self.shapes[key], self.dtypes[key], self._spans[key] = shape, _ST_DTYPES[name], start
+
+    def read(self, key: str) -> torch.Tensor:
+        out = torch.empty(self.shapes[key], dtype=self.dtypes[key])
+        nbytes = out.numel() * out.element_size()
+        view = memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B") if nbytes else memoryview(b"")
+        got, offset = 0, self._data + self._spans[key]
+        while got < len(view):  # preadv may return short counts
+            n = os.preadv(self._fd, [view[got:]], offset + got)
+            if n <= 0:
+                self._fail("file ended inside the tensor's data", key)
+            got += n
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key {dup!r}")
+    return dict(pairs)
+
+
 def _open_safetensors(path: str, label: str) -> AdapterSource:
-    from safetensors import SafetensorError, safe_open
-
     try:
-        handle = safe_open(path, framework="pt")
-        keys = list(handle.keys())
-        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
-        dtypes = {k: _safetensors_dtype(handle.get_slice(k).get_dtype(), label, k) for k in keys}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"corrupt or unreadable safetensors file {path!r}: {exc}", label) from exc
-    return AdapterSource(label, None, shapes, dtypes, handle.get_tensor, path=path)
-
-
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
-
-
-def _safetensors_dtype(name: str, label: str, key: str) -> torch.dtype:
-    dtype = _ST_DTYPES.get(name)
-    if dtype is None:
-        raise AdapterError(f"dtype {name} is not a floating-point type this library merges", label, key)
-    return dtype
+        f = SafetensorsFile(path, label)
+    except OSError as exc:
+        raise AdapterError(f"cannot read safetensors file {path!r}: {exc}", label) from exc
+    return AdapterSource(label, None, f.shapes, f.dtypes, f.read, path=path, closer=f.close)
 
 
 def _from_state_dict(state_dict: Mapping[str, Any], config: dict | None, label: str) -> AdapterSource:
@@ -149,6 +227,8 @@ def open_adapter(obj: Any, index: int) -> AdapterSource:
         else:
             raise AdapterError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {folder!r}", label)
         source.config = config
+        source.folder = folder
+        source.files = [os.path.join(folder, CONFIG_NAME), source.path]
         return source
     label = f"#{index}"
     if hasattr(obj, "peft_config") and hasattr(obj, "state_dict"):  # a live PeftModel

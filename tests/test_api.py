@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -56,7 +57,12 @@ def test_written_adapter_loads_in_peft_with_the_returned_delta(adapter_dirs, bas
 
     record = json.loads((out / "robustmerge.json").read_text())
     assert record["method"] == "robustmerge" and record["hyperparameters"]["density"] == 0.2
-    assert record["adapters"][0].endswith("task0)")
+    assert record["version"] == rk.__version__ and record["backend"] == merged.report.backend
+    for entry, folder in zip(record["inputs"], adapter_dirs):
+        assert entry["folder"] == os.path.abspath(folder) and entry["label"].endswith(f"({folder})")
+        weights = os.path.join(folder, "adapter_model.safetensors")
+        assert entry["sha256"]["adapter_model.safetensors"] == hashlib.sha256(open(weights, "rb").read()).hexdigest()
+        assert set(entry["sha256"]) == {"adapter_config.json", "adapter_model.safetensors"}
 
 
 def test_existing_output_refused_then_replaced_with_overwrite(adapter_dirs, tmp_path):
