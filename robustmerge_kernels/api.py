@@ -77,10 +77,18 @@ def _count(n: int) -> str:
 
 
 class MergedAdapter(dict):
-    """The merged state dict (PEFT saved-key form), with ``config`` and ``report`` attached."""
+    """The merged state dict (PEFT saved-key form), with ``config`` and ``report`` attached.
+
+    ``files`` maps the keys that belong in a file other than adapter_model.safetensors
+    (the mm_projector of an original LLaVA checkpoint: non_lora_trainables.bin) to it.
+    """
 
     config: dict[str, Any] | None
     report: MergeReport
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.files: dict[str, str] = {}
 
 
 def _device_of(sources: list[AdapterSource], plan: MergePlan) -> torch.device:
@@ -204,7 +212,8 @@ def _merge_sources(sources, method, params, out_dtype, backend, out, overwrite, 
     )
     if out is not None:
         report = {k: v for k, v in asdict(merged.report).items() if k not in ("seconds", "adapters")}
-        write_adapter(out, merged, plan.out_config, build_record(sources, hashes.result(), report), overwrite)
+        record = build_record(sources, hashes.result(), report)
+        write_adapter(out, merged, plan.out_config, record, overwrite, merged.files)
     merged.report.seconds = time.perf_counter() - start
     return merged
 
@@ -241,8 +250,10 @@ def _run_plan(plan, sources, impl, params, device, progress, group_bytes) -> Mer
         bar.update(len(group))
     bar.close()
     for mean in plan.means:
-        values = [_load(sources[t], mean.key, device) for t in mean.members]
+        values = [_load(sources[t], key, device) for t, key in zip(mean.members, mean.keys)]
         merged[mean.key] = _finite_output(mean.key, mean_tensors(values, mean.out_dtype))
+        if mean.file is not None:
+            merged.files[mean.key] = mean.file
 
     return merged
 

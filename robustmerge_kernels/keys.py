@@ -61,3 +61,24 @@ def unsupported_lora_part(key: str) -> str | None:
     m = _LORA_OTHER.search(key)
     return m.group(1) if m else None
 
+
+# LLaVA checkpoints name the same weights differently: the original LLaVA code, and
+# Hugging Face's LlavaForConditionalGeneration before and after transformers moved the
+# language model under model.language_model. Adapters are paired by a canonical name
+# (the original layout), so adapters saved from either code base merge together.
+_PEFT_PREFIX = "base_model.model."
+_LAYOUT_REWRITES = (  # applied at the start of the name below PEFT's prefix
+    (re.compile(r"^model\.language_model\."), "model."),  # HF, transformers >= 4.52
+    (re.compile(r"^language_model\.model\."), "model."),  # HF, older transformers
+    (re.compile(r"^(?:model\.)?multi_modal_projector\.linear_1\."), "model.mm_projector.0."),
+    (re.compile(r"^(?:model\.)?multi_modal_projector\.linear_2\."), "model.mm_projector.2."),
+)
+
+
+def canonical_name(name: str) -> str:
+    """The original-LLaVA spelling of a module or tensor name (other names unchanged)."""
+    prefix = _PEFT_PREFIX if name.startswith(_PEFT_PREFIX) else ""
+    rest = name[len(prefix) :] + "."
+    for pattern, repl in _LAYOUT_REWRITES:
+        rest = pattern.sub(repl, rest, count=1)
+    return prefix + rest[:-1]

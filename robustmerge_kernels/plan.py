@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .errors import AdapterError
-from .keys import FactorKey, parse_factor, unsupported_lora_part
+from .keys import FactorKey, canonical_name, parse_factor, unsupported_lora_part
 from .scaling import ScalingRule, check_config
 from .sources import AdapterSource
 
@@ -55,10 +55,12 @@ class ModulePlan:
 class MeanPlan:
     """A non-LoRA tensor (projector, modules_to_save, bias): mean over its members."""
 
-    key: str
+    key: str  # output key (the first member's spelling)
     shape: tuple[int, ...]
     members: tuple[int, ...]
+    keys: tuple[str, ...]  # per member, the key in that adapter (LLaVA layouts differ)
     out_dtype: torch.dtype
+    file: str | None = None  # written to this file beside the adapter (non_lora_trainables.bin)
 
 
 @dataclass
@@ -94,10 +96,11 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return n * dtype.itemsize
 
 
-def _collect(source: AdapterSource) -> tuple[dict[str, dict[str, tuple[str, FactorKey]]], list[str]]:
-    """Split one adapter's keys into {module: {"A"/"B": (key, parsed)}} and other keys."""
+def _collect(source: AdapterSource) -> tuple[dict[str, dict[str, tuple[str, FactorKey]]], dict[str, str]]:
+    """Split one adapter's keys into {canonical module: {"A"/"B": (key, parsed)}} and
+    {canonical key: key} for the other tensors. Canonical names pair LLaVA layouts."""
     factors: dict[str, dict[str, tuple[str, FactorKey]]] = {}
-    others: list[str] = []
+    others: dict[str, str] = {}
     for key in source.keys():
         parsed = parse_factor(key)
         if parsed is None:
@@ -109,9 +112,12 @@ def _collect(source: AdapterSource) -> tuple[dict[str, dict[str, tuple[str, Fact
                     source.label,
                     key,
                 )
-            others.append(key)
+            canonical = canonical_name(key)
+            if canonical in others:
+                raise AdapterError(f"duplicate tensor (also {others[canonical]!r})", source.label, key)
+            others[canonical] = key
             continue
-        slot = factors.setdefault(parsed.module, {})
+        slot = factors.setdefault(canonical_name(parsed.module), {})
         if parsed.factor in slot:
             raise AdapterError(
                 f"duplicate lora_{parsed.factor} for module {parsed.module!r} (also {slot[parsed.factor][0]!r})",
@@ -193,7 +199,7 @@ def _plan_module(name, members, sources, slots, rules, dtype) -> ModulePlan:
     nbytes = 0
     for t, slot in zip(members, slots):
         src = sources[t]
-        (ka, _pa), (kb, _) = slot["A"], slot["B"]
+        (ka, pa), (kb, _) = slot["A"], slot["B"]
         sa, sb = src.shape(ka), src.shape(kb)
         for key, shape in ((ka, sa), (kb, sb)):
             if len(shape) != 2:
@@ -218,22 +224,21 @@ def _plan_module(name, members, sources, slots, rules, dtype) -> ModulePlan:
             )
         scale = 1.0
         if rules is not None:
-            r_t, _, s_t = rules[0][t](name)
+            own = pa.module  # this adapter's spelling: its rank/alpha patterns match it
+            r_t, _, s_t = rules[0][t](own)
             if r_t != sa[0]:
-                raise AdapterError(
-                    f"config says r={r_t} for module {name!r} but lora_A has {sa[0]} rows", src.label, ka
-                )
-            scale = s_t / rules[1](name)[2]
+                raise AdapterError(f"config says r={r_t} for module {own!r} but lora_A has {sa[0]} rows", src.label, ka)
+            scale = s_t / rules[1](slots[0]["A"][1].module)[2]
         nbytes += _nbytes(sa, src.dtype(ka)) + _nbytes(sb, src.dtype(kb))
         a_keys.append(ka)
         b_keys.append(kb)
         scales.append(scale)
     first = sources[members[0]]
-    parsed = slots[0]["A"][1]
+    parsed = slots[0]["A"][1]  # the output is named as the first adapter names it
     return ModulePlan(
-        name=name,
+        name=parsed.module,
         a_key=parsed.saved_key(),
-        b_key=FactorKey(name, "B", parsed.embedding).saved_key(),
+        b_key=FactorKey(parsed.module, "B", parsed.embedding).saved_key(),
         rank=ref[1][0],
         in_features=ref[1][1],
         out_features=ref[2][0],
@@ -247,21 +252,31 @@ def _plan_module(name, members, sources, slots, rules, dtype) -> ModulePlan:
 
 
 def _plan_means(sources, others_per_source, dtype) -> list[MeanPlan]:
-    members: dict[str, list[int]] = {}
+    members: dict[str, list[tuple[int, str]]] = {}
     for t, others in enumerate(others_per_source):
-        for key in others:
-            members.setdefault(key, []).append(t)
+        for canonical, key in others.items():
+            members.setdefault(canonical, []).append((t, key))
     means = []
-    for key, ts in members.items():
-        first = sources[ts[0]]
-        for t in ts:
+    for carriers in members.values():
+        t0, k0 = carriers[0]
+        first = sources[t0]
+        for t, key in carriers:
             _check_dtype(sources[t], key)
-            if sources[t].shape(key) != first.shape(key):
+            if sources[t].shape(key) != first.shape(k0):
                 raise AdapterError(
-                    f"shape {list(sources[t].shape(key))} differs from {list(first.shape(key))} in adapter "
+                    f"shape {list(sources[t].shape(key))} differs from {list(first.shape(k0))} in adapter "
                     f"{first.label}; non-LoRA tensors are averaged and must match",
                     sources[t].label,
                     key,
                 )
-        means.append(MeanPlan(key, first.shape(key), tuple(ts), dtype or first.dtype(key)))
+        means.append(
+            MeanPlan(
+                key=k0,
+                shape=first.shape(k0),
+                members=tuple(t for t, _ in carriers),
+                keys=tuple(k for _, k in carriers),
+                out_dtype=dtype or first.dtype(k0),
+                file=first.file_of.get(k0),
+            )
+        )
     return means

@@ -20,6 +20,7 @@ import torch
 from .errors import AdapterError
 
 CONFIG_NAME = "adapter_config.json"
+NON_LORA_NAME = "non_lora_trainables.bin"  # original LLaVA checkpoints: the mm_projector
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 
@@ -37,6 +38,7 @@ class AdapterSource:
     closer: Any = None  # releases open files
     folder: str | None = None  # the adapter folder, when read from one
     files: list[str] = field(default_factory=list)  # every file the adapter was read from
+    file_of: dict[str, str] = field(default_factory=dict)  # key -> file name, for tensors outside the weights file
 
 
     def keys(self) -> list[str]:
@@ -199,6 +201,18 @@ def _load_bin(path: str, label: str) -> Mapping[str, Any]:
             raise AdapterError(f"cannot load {path!r}: {exc}", label) from exc
 
 
+def _attach_non_lora(source: AdapterSource, extra: AdapterSource) -> None:
+    """Add the tensors of non_lora_trainables.bin to an adapter, remembering their file."""
+    for key in extra.keys():
+        if key in source._shapes:
+            raise AdapterError(f"tensor is in both the weights file and {NON_LORA_NAME}", source.label, key)
+        source._shapes[key] = extra.shape(key)
+        source._dtypes[key] = extra.dtype(key)
+        source.file_of[key] = NON_LORA_NAME
+    main_loader = source._loader
+    source._loader = lambda key: extra.get(key) if key in source.file_of else main_loader(key)
+
+
 def _config_to_dict(config: Any, label: str) -> dict[str, Any]:
     if isinstance(config, Mapping):
         return dict(config)
@@ -229,6 +243,10 @@ def open_adapter(obj: Any, index: int) -> AdapterSource:
         source.config = config
         source.folder = folder
         source.files = [os.path.join(folder, CONFIG_NAME), source.path]
+        non_lora = os.path.join(folder, NON_LORA_NAME)
+        if os.path.isfile(non_lora):
+            _attach_non_lora(source, _from_state_dict(_load_bin(non_lora, label), None, label))
+            source.files.append(non_lora)
         return source
     label = f"#{index}"
     if hasattr(obj, "peft_config") and hasattr(obj, "state_dict"):  # a live PeftModel

@@ -65,18 +65,27 @@ def write_adapter(
     config: dict[str, Any],
     record: dict[str, Any],
     overwrite: bool = False,
+    files: dict[str, str] | None = None,
 ) -> str:
-    """Write ``adapter_model.safetensors``, ``adapter_config.json`` and the merge record."""
+    """Write ``adapter_model.safetensors``, ``adapter_config.json`` and the merge record.
+
+    Keys listed in ``files`` go to that file instead, saved with torch.save as the format
+    they came in (original LLaVA's non_lora_trainables.bin)."""
     from safetensors.torch import save_file
 
     out = check_destination(out, overwrite)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     backup = None
     try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        files = files or {}
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k not in files}
         weights = os.path.join(tmp, SAFETENSORS_NAME)
         save_file(tensors, weights, metadata={"format": "pt"})
         _fsync_file(weights)
+        for name in sorted(set(files.values())):
+            path = os.path.join(tmp, name)
+            torch.save({k: state_dict[k].detach().to("cpu").contiguous() for k, f in files.items() if f == name}, path)
+            _fsync_file(path)
         _write_json(os.path.join(tmp, CONFIG_NAME), config)
         _write_json(os.path.join(tmp, RECORD_NAME), record)
         if os.path.exists(out):
