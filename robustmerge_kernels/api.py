@@ -44,6 +44,27 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[key]
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes from 123, "500MB", "5GB", "2GiB" (None stays None)."""
+    if size is None or (isinstance(size, int) and not isinstance(size, bool)):
+        if size is not None and size < 1:
+            raise AdapterError(f"max_shard_size must be positive, got {size!r}")
+        return size
+    text = str(size).strip().upper().replace(" ", "")
+    number = text.rstrip("KMGIB")
+    unit = text[len(number) :]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise AdapterError(f"cannot read size {size!r}; use bytes or e.g. 500MB, 5GB") from None
+    if value < 1:
+        raise AdapterError(f"max_shard_size must be positive, got {size!r}")
+    return int(value)
+
+
 @dataclass
 class MergeReport:
     method: str
@@ -154,13 +175,16 @@ def merge(
     overwrite: bool = False,
     progress: bool = False,
     group_bytes: int | None = None,
+    max_shard_size: int | str | None = None,
 ) -> MergedAdapter:
     """Merge LoRA adapters into one adapter of the same rank.
 
     ``adapters``: PEFT adapter folders, state dicts, ``(state_dict, LoraConfig-or-dict)``
     pairs or ``PeftModel`` objects, in any mix. Returns the merged state dict (keys as PEFT
     saves them) with ``.config`` (the output ``adapter_config.json``) and ``.report``;
-    with ``out`` it is also written there as a PEFT adapter folder, atomically.
+    with ``out`` it is also written there as a PEFT adapter folder, atomically
+    (``max_shard_size``, bytes or "5GB": split larger weights into indexed shards, which
+    peft 0.21 cannot load; single-file output is the default).
     """
     start = time.perf_counter()
     if method not in METHODS:
@@ -169,6 +193,7 @@ def merge(
         raise AdapterError("adapters must be a list (of folders, state dicts, pairs or models)")
     params = RobustMergeParams(density, clamp_quantile, lam)
     out_dtype = parse_dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)
     if out is not None:
         check_destination(out, overwrite)
 
@@ -176,13 +201,15 @@ def merge(
     try:
         for i, a in enumerate(adapters):
             sources.append(open_adapter(a, i))
-        return _merge_sources(sources, method, params, out_dtype, backend, out, overwrite, progress, group_bytes, start)
+        return _merge_sources(
+            sources, method, params, out_dtype, backend, out, overwrite, progress, group_bytes, shard_bytes, start
+        )
     finally:
         for source in sources:
             source.close()
 
 
-def _merge_sources(sources, method, params, out_dtype, backend, out, overwrite, progress, group_bytes, start):
+def _merge_sources(sources, method, params, out_dtype, backend, out, overwrite, progress, group_bytes, shard_bytes, start):
     plan = build_plan(sources, out_dtype)
     if out is not None and plan.out_config is None:
         raise AdapterError("cannot write a PEFT folder: no adapter came with a LoRA config; pass (state_dict, config)")
@@ -213,7 +240,7 @@ def _merge_sources(sources, method, params, out_dtype, backend, out, overwrite, 
     if out is not None:
         report = {k: v for k, v in asdict(merged.report).items() if k not in ("seconds", "adapters")}
         record = build_record(sources, hashes.result(), report)
-        write_adapter(out, merged, plan.out_config, record, overwrite, merged.files)
+        write_adapter(out, merged, plan.out_config, record, overwrite, merged.files, shard_bytes)
     merged.report.seconds = time.perf_counter() - start
     return merged
 

@@ -22,6 +22,7 @@ def _merge(args) -> int:
         dtype=args.dtype,
         overwrite=args.overwrite,
         progress=not args.quiet and sys.stderr.isatty(),
+        max_shard_size=args.max_shard_size,
     )
     report = result.report
     print(f"{report.summary()} -> {args.output}")
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backend", default="auto", help="auto (default; $ROBUSTMERGE_BACKEND overrides), reference")
     m.add_argument("--dtype", default=None, help="output dtype (default: the inputs'): fp32, fp16, bf16")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.add_argument("--max-shard-size", default=None, help="split weights into indexed shards above this (e.g. 5GB); "
+                   "peft 0.21 loads only unsharded adapters, so the default is one file")  # fmt: skip
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_merge)
 

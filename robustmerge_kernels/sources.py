@@ -22,6 +22,7 @@ from .errors import AdapterError
 CONFIG_NAME = "adapter_config.json"
 NON_LORA_NAME = "non_lora_trainables.bin"  # original LLaVA checkpoints: the mm_projector
 SAFETENSORS_NAME = "adapter_model.safetensors"
+INDEX_NAME = "adapter_model.safetensors.index.json"  # sharded weights (Hugging Face convention)
 BIN_NAME = "adapter_model.bin"
 
 
@@ -39,6 +40,7 @@ class AdapterSource:
     folder: str | None = None  # the adapter folder, when read from one
     files: list[str] = field(default_factory=list)  # every file the adapter was read from
     file_of: dict[str, str] = field(default_factory=dict)  # key -> file name, for tensors outside the weights file
+    shard_paths: list[str] = field(default_factory=list)  # sharded weights: every shard file
 
 
     def keys(self) -> list[str]:
@@ -158,6 +160,40 @@ class SafetensorsFile:
             self._fd = -1
 
 
+def _open_sharded(folder: str, index_path: str, label: str) -> AdapterSource:
+    """Sharded weights: the index maps each key to its shard; every key must be there."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise ValueError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdapterError(f"cannot parse {INDEX_NAME}: {exc}", label) from exc
+    shards: dict[str, SafetensorsFile] = {}
+    shapes, dtypes, where = {}, {}, {}
+    try:
+        for name in sorted(set(weight_map.values())):
+            if os.path.basename(name) != name:
+                raise AdapterError(f"shard name {name!r} in {INDEX_NAME} is not a file in the folder", label)
+            shards[name] = SafetensorsFile(os.path.join(folder, name), label)
+        for key, name in weight_map.items():
+            if key not in shards[name].shapes:
+                raise AdapterError(f"{INDEX_NAME} puts the tensor in {name}, which lacks it", label, key)
+            shapes[key], dtypes[key], where[key] = shards[name].shapes[key], shards[name].dtypes[key], shards[name]
+    except BaseException:
+        for shard in shards.values():
+            shard.close()
+        raise
+
+    def close():
+        for shard in shards.values():
+            shard.close()
+
+    source = AdapterSource(label, None, shapes, dtypes, lambda key: where[key].read(key), path=index_path, closer=close)
+    source.shard_paths = [os.path.join(folder, name) for name in shards]
+    return source
+
+
 def _no_duplicates(pairs):
     keys = [k for k, _ in pairs]
     if len(keys) != len(set(keys)):
@@ -232,17 +268,20 @@ def open_adapter(obj: Any, index: int) -> AdapterSource:
         config = _read_config(folder, label)
         st_path = os.path.join(folder, SAFETENSORS_NAME)
         bin_path = os.path.join(folder, BIN_NAME)
+        index_path = os.path.join(folder, INDEX_NAME)
         if os.path.isfile(st_path):
             source = _open_safetensors(st_path, label)
+        elif os.path.isfile(index_path):
+            source = _open_sharded(folder, index_path, label)
         elif os.path.isfile(bin_path):
             state = _load_bin(bin_path, label)
             source = _from_state_dict(state, None, label)
             source.path = bin_path
         else:
-            raise AdapterError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {folder!r}", label)
+            raise AdapterError(f"no {SAFETENSORS_NAME}, {INDEX_NAME} or {BIN_NAME} in {folder!r}", label)
         source.config = config
         source.folder = folder
-        source.files = [os.path.join(folder, CONFIG_NAME), source.path]
+        source.files = [os.path.join(folder, CONFIG_NAME), *(source.shard_paths or [source.path])]
         non_lora = os.path.join(folder, NON_LORA_NAME)
         if os.path.isfile(non_lora):
             _attach_non_lora(source, _from_state_dict(_load_bin(non_lora, label), None, label))

@@ -18,9 +18,43 @@ from typing import Any
 import torch
 
 from .errors import AdapterError
-from .sources import CONFIG_NAME, SAFETENSORS_NAME
+from .sources import CONFIG_NAME, INDEX_NAME, SAFETENSORS_NAME
 
 RECORD_NAME = "robustmerge.json"
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _shard_names(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> list[list[str]]:
+    """Keys per shard, in key order; a tensor larger than the limit gets a shard of its own."""
+    if max_shard_size is None:
+        return [list(tensors)]
+    shards, size = [[]], 0
+    for key, t in tensors.items():
+        if shards[-1] and size + _nbytes(t) > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += _nbytes(t)
+    return shards
+
+
+def _shard_file(i: int, n: int) -> str:
+    return SAFETENSORS_NAME if n == 1 else f"adapter_model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _shards(tensors, max_shard_size):
+    groups = _shard_names(tensors, max_shard_size)
+    for i, keys in enumerate(groups):
+        yield _shard_file(i, len(groups)), {k: tensors[k] for k in keys}
+
+
+def _index(tensors, max_shard_size) -> dict[str, Any]:
+    groups = _shard_names(tensors, max_shard_size)
+    weight_map = {k: _shard_file(i, len(groups)) for i, keys in enumerate(groups) for k in keys}
+    return {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())}, "weight_map": weight_map}
 
 
 def check_destination(out: str, overwrite: bool) -> str:
@@ -66,11 +100,15 @@ def write_adapter(
     record: dict[str, Any],
     overwrite: bool = False,
     files: dict[str, str] | None = None,
+    max_shard_size: int | None = None,
 ) -> str:
     """Write ``adapter_model.safetensors``, ``adapter_config.json`` and the merge record.
 
     Keys listed in ``files`` go to that file instead, saved with torch.save as the format
-    they came in (original LLaVA's non_lora_trainables.bin)."""
+    they came in (original LLaVA's non_lora_trainables.bin). With ``max_shard_size`` (bytes)
+    a larger adapter is split into ``adapter_model-0000i-of-0000N.safetensors`` files with an
+    ``adapter_model.safetensors.index.json`` (the Hugging Face convention). peft 0.21 loads
+    only single-file adapters, so sharding is opt-in."""
     from safetensors.torch import save_file
 
     out = check_destination(out, overwrite)
@@ -79,9 +117,12 @@ def write_adapter(
     try:
         files = files or {}
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k not in files}
-        weights = os.path.join(tmp, SAFETENSORS_NAME)
-        save_file(tensors, weights, metadata={"format": "pt"})
-        _fsync_file(weights)
+        for name, shard in _shards(tensors, max_shard_size):
+            weights = os.path.join(tmp, name)
+            save_file(shard, weights, metadata={"format": "pt"})
+            _fsync_file(weights)
+        if max_shard_size is not None and len(os.listdir(tmp)) > 1:
+            _write_json(os.path.join(tmp, INDEX_NAME), _index(tensors, max_shard_size))
         for name in sorted(set(files.values())):
             path = os.path.join(tmp, name)
             torch.save({k: state_dict[k].detach().to("cpu").contiguous() for k, f in files.items() if f == name}, path)

@@ -231,3 +231,27 @@ def test_killed_during_write_leaves_no_complete_looking_folder(adapter_dirs, tmp
     assert all(name.startswith(".merged.tmp-") for name in leftovers) and leftovers
     rk.merge(adapter_dirs, out=str(out))
     assert (out / "adapter_config.json").exists()
+
+
+def test_sharded_output_with_index_reads_back_as_input(adapter_dirs, tmp_path):
+    out = tmp_path / "sharded"
+    merged = rk.merge(adapter_dirs, out=str(out), max_shard_size="20KB")
+    shards = sorted(p.name for p in out.iterdir() if p.name.startswith("adapter_model-"))
+    assert len(shards) > 1 and shards[0] == f"adapter_model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((out / "adapter_model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(merged) and set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in merged.values())
+    from robustmerge_kernels.sources import open_adapter
+
+    source = open_adapter(str(out), 0)
+    try:
+        assert set(source.keys()) == set(merged) and all(torch.equal(source.get(k), merged[k]) for k in merged)
+    finally:
+        source.close()
+    again = rk.merge([str(out), adapter_dirs[0]])  # sharded adapters are valid inputs
+    assert again.keys() == merged.keys()
+    single = tmp_path / "single"
+    rk.merge(adapter_dirs, out=str(single), max_shard_size="1GB")  # small adapter: one file, no index
+    assert sorted(p.name for p in single.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "robustmerge.json"]
+    with pytest.raises(rk.AdapterError, match="cannot read size"):
+        rk.merge(adapter_dirs, out=str(tmp_path / "x"), max_shard_size="lots")
