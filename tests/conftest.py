@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import copy
-import warnings
+import os
+import shutil
 
-import pytest
-import torch
+# Without a GPU, Triton kernels run in its interpreter. The variable must be set before
+# anything imports triton (torch._dynamo, pulled in by peft/transformers, does), so it is
+# set here, first. nvidia-smi absent is the cheap proxy for "no GPU" before torch loads.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from robustmerge_kernels.toy import tiny_llama, train_adapter
+import copy  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from robustmerge_kernels.toy import tiny_llama, train_adapter  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -12,14 +12,15 @@ float64 inputs are not a kernel type: such modules go to the reference implement
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
 from ..params import RobustMergeParams
 from ..reference import robustmerge_module
-from . import BackendUnavailable, ModuleInputs, NonFiniteInput, OutputOverflow
-from .tables import ITEM_COLUMNS, MODULE_COLUMNS, build_tables, kernel_supported, key_to_value
+from . import BackendUnavailable, ModuleInputs
+from .tables import (
+    ITEM_COLUMNS, MODULE_COLUMNS, KernelDetails, build_tables, kernel_supported, raise_kernel_status, unpack_details,
+)
 
 ENV_THREADS = "ROBUSTMERGE_NUM_THREADS"
 
@@ -53,20 +54,6 @@ def _load_extension():
     if tuple(_cpu.ITEM_COLUMNS) != ITEM_COLUMNS or tuple(_cpu.MODULE_COLUMNS) != MODULE_COLUMNS:
         raise BackendUnavailable("the C++ extension is stale (table columns differ); rebuild with `pip install -e .`")
     return _cpu
-
-
-@dataclass
-class KernelDetails:
-    """Per (module, adapter) item, in group order: thresholds as values of the input dtype
-    and the clamped A-row scales. For tests and for comparing backends."""
-
-    outputs: list[tuple[torch.Tensor, torch.Tensor]]
-    tau_a: list[torch.Tensor]
-    tau_b: list[torch.Tensor]
-    scales: list[torch.Tensor]
-
-
-CpuDetails = KernelDetails
 
 
 class CpuBackend:
@@ -113,30 +100,3 @@ class CpuBackend:
         if not details:
             return tables.outputs, None
         return tables.outputs, unpack_details(group, tau, scales)
-
-
-def raise_kernel_status(group, tables, ok, status: torch.Tensor, module_status: torch.Tensor) -> None:
-    """Turn a kernel's status arrays into NonFiniteInput / OutputOverflow."""
-    if not ok:
-        bad = int(torch.nonzero(status)[0])
-        factor = "A" if int(status[bad]) & 1 else "B"
-        m, member = tables.locate(bad)
-        raise NonFiniteInput(group[m].plan, member, factor)
-    for g, flags in zip(group, module_status.tolist()):
-        if flags:
-            raise OutputOverflow(g.plan, "A" if flags & 1 else "B")
-
-
-def unpack_details(group, tau: torch.Tensor, scales: torch.Tensor):
-    """Kernel thresholds (magnitude keys, [W, 2]) and scales (concatenated) per item."""
-    keys = (tau.to(torch.int64) & 0xFFFFFFFF).tolist()
-    tau_a, tau_b, out_scales = [], [], []
-    item, offset = 0, 0
-    for g in group:
-        for j in range(len(g.plan.members)):
-            tau_a.append(key_to_value(keys[item][0], g.a[j].dtype))
-            tau_b.append(key_to_value(keys[item][1], g.b[j].dtype))
-            out_scales.append(scales[offset : offset + g.plan.rank].clone())
-            offset += g.plan.rank
-            item += 1
-    return tau_a, tau_b, out_scales

@@ -1,4 +1,5 @@
-"""The plan tables every compiled backend consumes (CPU C++, CUDA, Triton).
+"""The plan tables every compiled backend consumes (CPU C++, CUDA, Triton), and what they
+share after a kernel call: status arrays to exceptions, thresholds and scales to details.
 
 One row per (module, adapter) item and one per module, as int64 tensors, plus the
 per-item B-scales; column order is defined once here and mirrored in
@@ -15,7 +16,7 @@ import torch
 
 from ..params import RobustMergeParams
 from ..reference import prune_count
-from . import ModuleInputs
+from . import ModuleInputs, NonFiniteInput, OutputOverflow
 
 ITEM_COLUMNS = ("a", "b", "a_dtype", "b_dtype", "k_a", "k_b")
 MODULE_COLUMNS = ("rank", "in_features", "out_features", "first", "members", "out_a", "out_b", "out_dtype", "clamp_index")
@@ -101,3 +102,41 @@ def key_to_value(key: int, dtype: torch.dtype) -> torch.Tensor:
     """A magnitude key (the bits of |x|) as a value of ``dtype``."""
     view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[dtype]
     return torch.tensor([key], dtype=torch.int64).to(view).view(dtype)[0]
+
+
+@dataclass
+class KernelDetails:
+    """Per (module, adapter) item, in group order: thresholds as values of the input dtype
+    and the clamped A-row scales. For tests and for comparing backends."""
+
+    outputs: list[tuple[torch.Tensor, torch.Tensor]]
+    tau_a: list[torch.Tensor]
+    tau_b: list[torch.Tensor]
+    scales: list[torch.Tensor]
+
+
+def raise_kernel_status(group, tables, ok, status: torch.Tensor, module_status: torch.Tensor) -> None:
+    """Turn a kernel's status arrays into NonFiniteInput / OutputOverflow."""
+    if not ok:
+        bad = int(torch.nonzero(status)[0])
+        factor = "A" if int(status[bad]) & 1 else "B"
+        m, member = tables.locate(bad)
+        raise NonFiniteInput(group[m].plan, member, factor)
+    for g, flags in zip(group, module_status.tolist()):
+        if flags:
+            raise OutputOverflow(g.plan, "A" if flags & 1 else "B")
+
+
+def unpack_details(group, tau: torch.Tensor, scales: torch.Tensor):
+    """Kernel thresholds (magnitude keys, [W, 2]) and scales (concatenated) per item."""
+    keys = (tau.to(torch.int64) & 0xFFFFFFFF).tolist()
+    tau_a, tau_b, out_scales = [], [], []
+    item, offset = 0, 0
+    for g in group:
+        for j in range(len(g.plan.members)):
+            tau_a.append(key_to_value(keys[item][0], g.a[j].dtype))
+            tau_b.append(key_to_value(keys[item][1], g.b[j].dtype))
+            out_scales.append(scales[offset : offset + g.plan.rank].clone())
+            offset += g.plan.rank
+            item += 1
+    return tau_a, tau_b, out_scales

@@ -1,0 +1,184 @@
+"""The Triton backend: the merge plan as pointer tables, one launch per phase per group.
+
+Phases (kernels in robustmerge_kernels/triton_kernels/), each covering every
+(module, adapter) pair of the group in one launch:
+
+  1. thresholds: histogram radix select on the magnitude keys, 2 passes (16-bit) or
+     3 passes (float32) of ``hist_kernel`` + ``select_kernel``; pass 1 also finds inf/NaN;
+  2. ``rowsum_kernel``: row sums of |A| and kept |A| (float64), raw A-row scales;
+  3. ``weights_kernel``: per-task clamp and the normalised fusion weights;
+  4. ``fuse_kernel``: the fused normalised sum across adapters into the outputs.
+
+The host reads the status buffers once, after the last phase (one synchronisation per
+group). On a GPU the inputs must be CUDA tensors and the tables are copied to the device.
+With ``TRITON_INTERPRET=1`` (set before triton is first imported) the kernels run on the
+CPU through Triton's interpreter and take CPU tensors: that is how the tests run without
+a GPU. float64 modules take the reference path, as in the CPU backend.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..params import RobustMergeParams
+from ..reference import robustmerge_module
+from . import BackendUnavailable, ModuleInputs
+from .tables import (
+    ITEM_COLUMNS, MODULE_COLUMNS, KernelDetails, build_tables, kernel_supported, raise_kernel_status, unpack_details,
+)
+
+try:
+    import triton
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    triton = None
+    _IMPORT_ERROR = str(exc)
+else:
+    _IMPORT_ERROR = ""
+
+HIST_BLOCK = 2048  # keys per histogram step
+ROW_BLOCK = 1024  # columns of A per row-sum step
+FUSE_BLOCK = 1024  # output elements per fusion step
+MAX_PROGRAMS_PER_MATRIX = 32  # grid-stride programs per matrix (selection) / per module (fusion)
+KEYS_PER_PROGRAM = 8 * HIST_BLOCK  # selection: each program sums its histogram over >= this many keys
+STATE_COLS = 4  # triton_kernels.common: prefix, rank, active, numel
+# Multiply, then add (no FMA contraction), as the C++ kernels and the reference do; explicit
+# because Triton's default changes in 3.10.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
+def interpreter_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _check_columns() -> None:
+    expected_items = ("a", "b", "a_dtype", "b_dtype", "k_a", "k_b")
+    expected_modules = ("rank", "in_features", "out_features", "first", "members", "out_a", "out_b", "out_dtype",
+                        "clamp_index")  # fmt: skip
+    if ITEM_COLUMNS != expected_items or MODULE_COLUMNS != expected_modules:
+        raise BackendUnavailable("plan table columns changed; update robustmerge_kernels/triton_kernels/common.py")
+
+
+class TritonBackend:
+    name = "triton"
+    checks_finite = True  # pass 1 of the selection sees inf/NaN; the fusion flags overflow as it stores
+
+    def __init__(self):
+        if triton is None:
+            raise BackendUnavailable(f"triton is not importable ({_IMPORT_ERROR})")
+        self.interpret = interpreter_mode()
+        if not self.interpret and not torch.cuda.is_available():
+            raise BackendUnavailable("no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)")
+        _check_columns()
+        from .. import triton_kernels
+
+        self._k = triton_kernels
+
+    def robustmerge(
+        self, group: list[ModuleInputs], params: RobustMergeParams
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.run(group, params).outputs
+
+    def run(self, group: list[ModuleInputs], params: RobustMergeParams, details: bool = False) -> KernelDetails:
+        """Merge a group; with ``details`` also return the kernel's thresholds and scales."""
+        result = KernelDetails([None] * len(group), [], [], [])
+        kernel = []
+        for pos, g in enumerate(group):
+            if kernel_supported(g):
+                kernel.append(pos)
+            else:  # float64 input: the exact reference path
+                res = robustmerge_module(g.a, g.b, params, g.plan.b_scale, g.plan.out_dtype)
+                result.outputs[pos] = (res.a, res.b)
+        if kernel:
+            sub = [group[pos] for pos in kernel]
+            outputs, details_ = self._run_kernel(sub, params, details)
+            for pos, out in zip(kernel, outputs):
+                result.outputs[pos] = out
+            if details:
+                result.tau_a, result.tau_b, result.scales = details_
+        return result
+
+    def _device(self, group: list[ModuleInputs]) -> torch.device:
+        device = group[0].a[0].device
+        if self.interpret:
+            if device.type != "cpu":
+                raise ValueError(f"TRITON_INTERPRET=1 runs the triton kernels on CPU tensors, got {device}")
+        elif device.type != "cuda":
+            raise ValueError(f"the triton backend needs CUDA tensors, got {device}")
+        return device
+
+    def _run_kernel(self, group, params, details):
+        k = self._k
+        device = self._device(group)
+        tables = build_tables(group, params, device)
+        W, M = tables.n_items, len(group)
+        items_h, modules_h = tables.items, tables.modules
+        ranks = modules_h[:, 0]
+        members = torch.tensor(tables.members, dtype=torch.int64)
+        item_rank = torch.repeat_interleave(ranks, members)  # [W]
+        item_module = torch.repeat_interleave(torch.arange(M, dtype=torch.int32), members)
+        scale_offset = torch.zeros(W + 1, dtype=torch.int64)
+        torch.cumsum(item_rank, 0, out=scale_offset[1:])
+        numel = torch.stack(
+            [item_rank * modules_h[item_module.long(), 1], modules_h[item_module.long(), 2] * item_rank], 1
+        )
+        ks = items_h[:, 4:6]
+        if int(numel.max()) >= 2**31:
+            raise ValueError("the triton kernels index matrices of fewer than 2**31 values")
+        state = torch.zeros((2 * W, STATE_COLS), dtype=torch.int32)
+        state[:, 1] = ks.reshape(-1).to(torch.int32)  # rank of tau: k
+        state[:, 2] = (ks.reshape(-1) >= 1).to(torch.int32)  # k < 1: keep all, tau = 0
+        state[:, 3] = numel.reshape(-1).to(torch.int32)
+        wide = bool((items_h[:, 2:4] == 0).any())  # some float32 matrix: a third digit
+        passes = 3 if wide else 2
+        n_scales = int(scale_offset[-1])
+        rank_block = triton.next_power_of_2(int(ranks.max()))
+
+        def dev(x):
+            return x.to(device, non_blocking=True) if device.type != "cpu" else x
+
+        items, modules, b_scale = dev(items_h), dev(modules_h), dev(tables.b_scale)
+        item_module, scale_offset_d, state = dev(item_module), dev(scale_offset[:-1].contiguous()), dev(state)
+        hist = torch.zeros((passes, 2 * W, 2048), dtype=torch.int32, device=device)
+        status = torch.zeros(2 * W, dtype=torch.int32, device=device)
+        module_status = torch.zeros(M, dtype=torch.int32, device=device)
+        raw_scales = torch.empty(n_scales, dtype=torch.float64, device=device)
+        scales = torch.empty(n_scales, dtype=torch.float64, device=device)
+        weights = torch.empty(n_scales, dtype=torch.float32, device=device)
+
+        max_numel = int(numel.max())
+        per_matrix = max(1, min(MAX_PROGRAMS_PER_MATRIX, triton.cdiv(max_numel, KEYS_PER_PROGRAM)))
+        for p in range(passes):
+            k.hist_kernel[(2 * W, per_matrix)](items, state, hist[p], PASS=p, BLOCK=HIST_BLOCK, **LAUNCH_OPTIONS)
+            k.select_kernel[(2 * W,)](
+                items, state, hist[p], status, PASS=p, LAST_PASS=p == passes - 1, **LAUNCH_OPTIONS
+            )
+        k.rowsum_kernel[(W, max(1, min(int(ranks.max()), 64)))](
+            items, modules, item_module, scale_offset_d, state, raw_scales, BLOCK=ROW_BLOCK, **LAUNCH_OPTIONS
+        )
+        k.weights_kernel[(M,)](
+            modules, scale_offset_d, raw_scales, scales, weights, RANK_BLOCK=rank_block, **LAUNCH_OPTIONS
+        )
+        max_out = int((ranks * torch.maximum(modules_h[:, 1], modules_h[:, 2])).max())
+        per_module = max(1, min(MAX_PROGRAMS_PER_MATRIX * 4, triton.cdiv(max_out, FUSE_BLOCK)))
+        k.fuse_kernel[(M, per_module)](
+            items,
+            modules,
+            b_scale,
+            scale_offset_d,
+            state,
+            weights,
+            module_status,
+            float(params.lam),
+            BLOCK=FUSE_BLOCK,
+            **LAUNCH_OPTIONS,
+        )
+
+        status = status.cpu().view(W, 2)
+        item_status = status[:, 0] | (status[:, 1] << 1)
+        raise_kernel_status(group, tables, not bool(item_status.any()), item_status, module_status.cpu())
+        if not details:
+            return tables.outputs, None
+        tau = state.cpu()[:, 0].reshape(W, 2).contiguous()
+        return tables.outputs, unpack_details(group, tau, scales.cpu())
