@@ -10,27 +10,43 @@
 #include <cstdint>
 #include <cstring>
 
+// RMK_HD marks the conversions usable from CUDA device code as well (csrc/robustmerge/cuda/).
+// Outside nvcc it is plain `inline`, so the CPU build is unchanged.
+#if defined(__CUDACC__)
+#define RMK_HD __host__ __device__ __forceinline__
+#else
+#define RMK_HD inline
+#endif
+
 namespace robustmerge {
 
 // Codes shared with the Python layer (robustmerge_kernels/backends/cpu.py).
 enum DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
-inline float bits_to_f32(uint32_t u) {
+RMK_HD float bits_to_f32(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+#endif
 }
 
-inline uint32_t f32_to_bits(float f) {
+RMK_HD uint32_t f32_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
+#endif
 }
 
 // fp16 -> fp32, exact for every finite half (inputs are checked finite before use).
 // Normal halves: re-bias the exponent (127 - 15 = 112). Subnormal halves are m * 2^-24,
 // computed from the integer m so no subnormal float is ever formed.
-inline float f16_to_f32(uint16_t h) {
+RMK_HD float f16_to_f32(uint16_t h) {
   const uint32_t em = h & 0x7fffu;
   const float normal = bits_to_f32((em << 13) + (112u << 23));
   const float subnormal = static_cast<float>(em) * 0x1p-24f;
@@ -38,17 +54,17 @@ inline float f16_to_f32(uint16_t h) {
   return bits_to_f32(f32_to_bits(mag) | (uint32_t(h & 0x8000u) << 16));
 }
 
-inline float bf16_to_f32(uint16_t b) { return bits_to_f32(uint32_t(b) << 16); }
+RMK_HD float bf16_to_f32(uint16_t b) { return bits_to_f32(uint32_t(b) << 16); }
 
 // fp32 -> bf16, round to nearest even (as torch's .to(torch.bfloat16)); values past the
 // largest bf16 round to inf, which the Python layer refuses. NaN never reaches here.
-inline uint16_t f32_to_bf16(float f) {
+RMK_HD uint16_t f32_to_bf16(float f) {
   const uint32_t u = f32_to_bits(f);
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 // fp32 -> fp16, round to nearest even, subnormal halves and overflow to inf included.
-inline uint16_t f32_to_f16(float f) {
+RMK_HD uint16_t f32_to_f16(float f) {
   const uint32_t u = f32_to_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t au = u & 0x7fffffffu;
@@ -71,7 +87,7 @@ struct F32 {
   static constexpr int kShift = 20;                   // top 11 of the 31 magnitude bits
   static constexpr uint32_t kMagMask = 0x7fffffffu;
   static constexpr uint32_t kNonFinite = 0x7f800000u;  // exponent all ones: inf / NaN
-  static float to_f32(Storage s) { return bits_to_f32(s); }
+  RMK_HD static float to_f32(Storage s) { return bits_to_f32(s); }
 };
 
 struct BF16 {
@@ -79,7 +95,7 @@ struct BF16 {
   static constexpr int kShift = 4;  // top 11 of the 15 magnitude bits
   static constexpr uint32_t kMagMask = 0x7fffu;
   static constexpr uint32_t kNonFinite = 0x7f80u;
-  static float to_f32(Storage s) { return bf16_to_f32(s); }
+  RMK_HD static float to_f32(Storage s) { return bf16_to_f32(s); }
 };
 
 struct F16 {
@@ -87,7 +103,7 @@ struct F16 {
   static constexpr int kShift = 4;
   static constexpr uint32_t kMagMask = 0x7fffu;
   static constexpr uint32_t kNonFinite = 0x7c00u;
-  static float to_f32(Storage s) { return f16_to_f32(s); }
+  RMK_HD static float to_f32(Storage s) { return f16_to_f32(s); }
 };
 
 // Calls f(Traits{}) for a runtime dtype code; returns false for codes it does not know.

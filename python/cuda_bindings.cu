@@ -1,0 +1,79 @@
+// pybind11 binding of the CUDA kernels (robustmerge_kernels._cuda). Like the CPU binding it
+// takes raw addresses only (no libtorch), so one build serves every torch version; the CUDA
+// runtime is linked statically, so the module imports on machines without a GPU driver.
+//
+// Table pointers (items, b_scale, modules) are HOST addresses of the same int64 / float64
+// tables as the CPU kernel's; they are validated on the host (ValueError before any CUDA
+// call) and uploaded by the binding on the given stream. The addresses inside the tables
+// (inputs, outputs) and status / module_status / tau_out / scales_out are DEVICE addresses.
+// The call is asynchronous on `stream`: results are ready when the stream's work is.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "robustmerge/cuda/launch.cuh"
+
+#ifndef RMK_CUDA_ARCHS
+#define RMK_CUDA_ARCHS "unknown"
+#endif
+
+namespace py = pybind11;
+namespace rm = robustmerge;
+
+static void robustmerge_tables(uintptr_t items, int64_t n_items, uintptr_t b_scale, uintptr_t modules,
+                               int64_t n_modules, double lam, uintptr_t stream, uintptr_t status,
+                               uintptr_t module_status, uintptr_t tau_out, uintptr_t scales_out, int device) {
+  rm::MergeTables t;
+  t.items = reinterpret_cast<const int64_t*>(items);
+  t.n_items = n_items;
+  t.b_scale = reinterpret_cast<const double*>(b_scale);
+  t.modules = reinterpret_cast<const int64_t*>(modules);
+  t.n_modules = n_modules;
+  t.lam = lam;
+  t.n_threads = 1;
+  t.status = reinterpret_cast<int32_t*>(status);
+  if (device < -1) throw std::invalid_argument("robustmerge cuda kernel: device must be >= -1");
+  rm::cuda::validate(t);  // host tables only; throws ValueError before the GIL is released
+  const rm::cuda::Outputs out{reinterpret_cast<int32_t*>(status), reinterpret_cast<int32_t*>(module_status),
+                              reinterpret_cast<uint32_t*>(tau_out), reinterpret_cast<double*>(scales_out)};
+  py::gil_scoped_release release;
+  rm::cuda::robustmerge_cuda(t, device, reinterpret_cast<cudaStream_t>(stream), out);
+}
+
+static int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error (no driver / no device)
+    return 0;
+  }
+  return n;
+}
+
+static std::string device_error() {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  cudaGetLastError();
+  if (err != cudaSuccess) return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+  return n > 0 ? std::string() : std::string("no CUDA device");
+}
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "robustmerge_kernels CUDA kernels (CUDA C++, pybind11, no libtorch, static CUDA runtime)";
+  m.def("robustmerge", &robustmerge_tables, py::arg("items"), py::arg("n_items"), py::arg("b_scale"),
+        py::arg("modules"), py::arg("n_modules"), py::arg("lam"), py::arg("stream"), py::arg("status"),
+        py::arg("module_status") = 0, py::arg("tau_out") = 0, py::arg("scales_out") = 0, py::arg("device") = -1,
+        "RobustMerge a whole plan on the GPU, asynchronously on `stream` (a cudaStream_t as an int; 0 is the "
+        "legacy default stream). Host tables, device inputs and outputs; `device` -1 keeps the current device. "
+        "Input inf/NaN sets `status` (Status bits per item); output overflow sets `module_status`.");
+  m.def("device_count", &device_count, "CUDA devices this module's runtime sees (0 without a driver or GPU)");
+  m.def("device_error", &device_error, "Why no device is usable ('' when one is)");
+  m.def("runtime_version", [] { return CUDART_VERSION; }, "CUDA runtime version the module was built with");
+  m.attr("ARCHITECTURES") = RMK_CUDA_ARCHS;
+  m.attr("ITEM_COLUMNS") = py::make_tuple("a", "b", "a_dtype", "b_dtype", "k_a", "k_b");
+  m.attr("MODULE_COLUMNS") = py::make_tuple("rank", "in_features", "out_features", "first", "members", "out_a",
+                                            "out_b", "out_dtype", "clamp_index");
+  m.attr("DTYPES") = py::dict(py::arg("float32") = int(rm::kF32), py::arg("float16") = int(rm::kF16),
+                              py::arg("bfloat16") = int(rm::kBF16), py::arg("float64") = int(rm::kF64));
+  m.attr("STATUS") = py::dict(py::arg("ok") = int(rm::kOk), py::arg("a_non_finite") = int(rm::kANonFinite),
+                              py::arg("b_non_finite") = int(rm::kBNonFinite));
+}

@@ -1,0 +1,512 @@
+"""The CUDA C++ backend (robustmerge_kernels._cuda).
+
+Runs everywhere:
+  * the extension builds and exposes its entry points wherever nvcc is on the PATH
+    (skipped, with the reason, only where it is not, or where RMK_CUDA=0 turned it off);
+  * the binding's host-side validation rejects bad plan tables with ValueError before any
+    CUDA call (no GPU needed: the tables are host memory, device addresses are opaque);
+  * without a GPU, ``CudaBackend()`` raises BackendUnavailable naming the reason, and a
+    valid plan given to the raw binding fails with a RuntimeError, not a crash.
+Needs a CUDA device (skipped otherwise): the kernels against the reference (masks
+bit-identical via the returned thresholds, scales and outputs within the dtype
+tolerances of _cases.py), against the CPU backend (same thresholds, A* bit-identical),
+streams and threads, NaN/Inf and overflow refused.
+
+Memory / race checking on a GPU machine (compute-sanitizer ships with the CUDA toolkit):
+
+    compute-sanitizer --tool memcheck  --leak-check full python tests/test_cuda_backend.py --sanitize
+    compute-sanitizer --tool racecheck python tests/test_cuda_backend.py --sanitize
+    compute-sanitizer --tool synccheck python tests/test_cuda_backend.py --sanitize
+    compute-sanitizer --tool initcheck python tests/test_cuda_backend.py --sanitize
+
+``--sanitize`` runs one small merge (several modules, mixed dtypes, a matrix larger than
+shared memory) and one with a NaN input, and checks them against the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _cases, conftest when run as a script
+
+from _cases import CASES, TOLERANCES, assert_close_to_exact, data_scale, make_case, random_module  # noqa: E402
+
+import robustmerge_kernels as rk  # noqa: E402
+from robustmerge_kernels.backends import BackendUnavailable, ModuleInputs, NonFiniteInput, OutputOverflow  # noqa: E402
+from robustmerge_kernels.backends import tables as plan_tables  # noqa: E402
+from robustmerge_kernels.params import RobustMergeParams  # noqa: E402
+from robustmerge_kernels.plan import ModulePlan  # noqa: E402
+from robustmerge_kernels.reference import robustmerge_module  # noqa: E402
+
+KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+KERNEL_IDS = ["fp32", "fp16", "bf16"]
+
+
+def _importable() -> bool:
+    try:
+        from robustmerge_kernels import _cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+NO_NVCC = shutil.which("nvcc") is None
+CUDA_OFF = os.environ.get("RMK_CUDA", "").strip() == "0"
+# Where nvcc is on the PATH the extension must have been built (the tests fail otherwise);
+# where it is not, the tests still run if a module built elsewhere is present.
+needs_extension = pytest.mark.skipif(
+    (NO_NVCC or CUDA_OFF) and not _importable(),
+    reason="nvcc is not on the PATH, so `pip install -e .` does not build the CUDA extension"
+    if NO_NVCC
+    else "RMK_CUDA=0: the CUDA extension was not built on purpose",
+)
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)"
+)
+
+
+def _ext():
+    from robustmerge_kernels import _cuda
+
+    return _cuda
+
+
+# --------------------------------------------------------------------------------------
+# The build
+# --------------------------------------------------------------------------------------
+@needs_extension
+def test_extension_builds_and_exposes_entry_points():
+    try:
+        ext = _ext()
+    except ImportError as exc:  # nvcc is here, so the build must have produced the module
+        pytest.fail(
+            f"nvcc is on the PATH but robustmerge_kernels._cuda does not import ({exc}); run `pip install -e .`"
+        )
+    assert callable(ext.robustmerge) and callable(ext.device_count) and callable(ext.device_error)
+    assert tuple(ext.ITEM_COLUMNS) == plan_tables.ITEM_COLUMNS
+    assert tuple(ext.MODULE_COLUMNS) == plan_tables.MODULE_COLUMNS
+    assert dict(ext.DTYPES) == {str(k).removeprefix("torch."): v for k, v in plan_tables.OUT_DTYPES.items()}
+    archs = ext.ARCHITECTURES.split(",")
+    for arch in ("80", "86", "90"):
+        assert any(a.startswith(arch) for a in archs), (arch, archs)
+    assert ext.runtime_version() >= 11020  # stream-ordered allocation
+    params = [p.strip().split(":")[0] for p in ext.robustmerge.__doc__.split("(", 1)[1].split(")")[0].split(",")]
+    assert params == ["items", "n_items", "b_scale", "modules", "n_modules", "lam", "stream", "status",
+                      "module_status", "tau_out", "scales_out", "device"]  # fmt: skip
+
+
+@needs_extension
+def test_extension_imports_without_a_driver_and_reports_devices():
+    ext = _ext()
+    count = ext.device_count()
+    assert isinstance(count, int) and count >= 0
+    if count == 0:
+        assert ext.device_error()  # the reason, e.g. cudaErrorNoDevice / InsufficientDriver
+    else:
+        assert ext.device_error() == ""
+
+
+# --------------------------------------------------------------------------------------
+# Host-side validation of the plan tables (no GPU needed)
+# --------------------------------------------------------------------------------------
+FAKE = 0x7F0000001000  # an opaque "device address": validation never dereferences it
+
+
+def _raw(items=None, modules=None):
+    """A valid host plan of two modules (2 + 1 items), each field overridable per row."""
+    item = dict(a=FAKE, b=FAKE + 64, a_dtype=0, b_dtype=0, k_a=4, k_b=6)
+    module = dict(rank=2, in_features=3, out_features=4, first=0, members=2, out_a=FAKE + 128, out_b=FAKE + 192,
+                  out_dtype=0, clamp_index=1)  # fmt: skip
+    item_rows = [dict(item), dict(item), dict(item)]
+    module_rows = [dict(module), dict(module, first=2, members=1)]
+    for rows, over in ((item_rows, items or {}), (module_rows, modules or {})):
+        for idx, fields in over.items():
+            rows[idx].update(fields)
+    it = torch.tensor([[r[c] for c in plan_tables.ITEM_COLUMNS] for r in item_rows], dtype=torch.int64)
+    md = torch.tensor([[r[c] for c in plan_tables.MODULE_COLUMNS] for r in module_rows], dtype=torch.int64)
+    return it, md, torch.ones(len(item_rows), dtype=torch.float64)
+
+
+def _call(ext, it, md, bs, n_items=None, n_modules=None, status=FAKE + 256, **kw):
+    return ext.robustmerge(
+        it.data_ptr(), it.shape[0] if n_items is None else n_items, bs.data_ptr(), md.data_ptr(),
+        md.shape[0] if n_modules is None else n_modules, 2.0, 0, status, **kw,
+    )  # fmt: skip
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "items,modules,message",
+    [
+        ({0: {"a": 0}}, {}, "null input pointer"),
+        ({2: {"b": 0}}, {}, "null input pointer"),
+        ({}, {1: {"out_a": 0}}, "null output pointer"),
+        ({1: {"a_dtype": 7}}, {}, "input dtype"),
+        ({2: {"b_dtype": 3}}, {}, "input dtype"),  # float64 is not a kernel input type
+        ({0: {"a_dtype": -1}}, {}, "input dtype"),
+        ({}, {0: {"out_dtype": 4}}, "unknown output dtype"),
+        ({0: {"k_a": 7}}, {}, "k of A out of range"),  # N = 6
+        ({1: {"k_a": -1}}, {}, "k of A out of range"),
+        ({2: {"k_b": 9}}, {}, "k of B out of range"),  # N = 8
+        ({}, {1: {"clamp_index": 2}}, "clamp index out of range"),
+        ({}, {0: {"clamp_index": -1}}, "clamp index out of range"),
+        ({}, {0: {"rank": 0}}, "shapes must be positive"),
+        ({}, {1: {"out_features": -4}}, "shapes must be positive"),
+        ({}, {1: {"first": 1}}, "contiguous"),  # overlaps module 0's items
+        ({}, {1: {"first": 3}}, "contiguous"),  # leaves a gap
+        ({}, {0: {"members": 0}}, "contiguous"),
+        ({}, {1: {"members": 2}}, "past the end"),
+        ({}, {0: {"members": 1}}, "contiguous"),  # module 1 must then start at 1
+    ],
+)
+def test_binding_validates_tables(items, modules, message):
+    ext = _ext()
+    it, md, bs = _raw(items, modules)
+    with pytest.raises(ValueError, match=rf"robustmerge cuda kernel: .*{message}"):
+        _call(ext, it, md, bs)
+
+
+@needs_extension
+def test_binding_rejects_huge_matrices_null_tables_and_bad_counts():
+    ext = _ext()
+    it, md, bs = _raw(modules={1: {"in_features": 1 << 30}}, items={2: {"k_a": 0}})
+    with pytest.raises(ValueError, match="2\\^31 or more elements"):
+        _call(ext, it, md, bs)
+    it, md, bs = _raw()
+    with pytest.raises(ValueError, match="empty plan"):
+        _call(ext, it, md, bs, n_items=0)
+    with pytest.raises(ValueError, match="empty plan"):
+        _call(ext, it, md, bs, n_modules=0)
+    with pytest.raises(ValueError, match="items not covered"):
+        _call(ext, it, md, bs, n_items=4)  # the modules cover 3 items
+    with pytest.raises(ValueError, match="null table pointer"):
+        _call(ext, it, md, bs, status=0)
+    with pytest.raises(ValueError, match="null table pointer"):
+        ext.robustmerge(0, 3, bs.data_ptr(), md.data_ptr(), 2, 2.0, 0, FAKE)
+    with pytest.raises(ValueError, match="null table pointer"):
+        ext.robustmerge(it.data_ptr(), 3, 0, md.data_ptr(), 2, 2.0, 0, FAKE)
+    with pytest.raises(ValueError, match="null table pointer"):
+        ext.robustmerge(it.data_ptr(), 3, bs.data_ptr(), 0, 2, 2.0, 0, FAKE)
+    with pytest.raises(ValueError, match="device"):
+        _call(ext, it, md, bs, device=-2)
+    with pytest.raises(TypeError):
+        _call(ext, it, md, bs, status=-1)  # addresses are unsigned
+
+
+@needs_extension
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-device path")
+def test_valid_plan_without_a_device_raises_runtime_error():
+    ext = _ext()
+    it, md, bs = _raw()
+    with pytest.raises(RuntimeError, match="robustmerge cuda kernel: .*failed: cuda"):
+        _call(ext, it, md, bs)
+
+
+# --------------------------------------------------------------------------------------
+# The backend object and the registry
+# --------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_backend_unavailable_without_a_gpu():
+    from robustmerge_kernels.backends.cuda import CudaBackend
+
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        CudaBackend()
+    from robustmerge_kernels.backends import available_backends, get_backend
+
+    reason = available_backends("cuda")["cuda"]
+    assert reason != "ok" and ("CUDA device" in reason or "not built" in reason), reason
+    with pytest.raises(rk.AdapterError, match="backend 'cuda' is unavailable"):
+        get_backend("cuda", "cuda")
+    with pytest.raises(rk.AdapterError, match="does not run on 'cpu'"):
+        get_backend("cuda", "cpu")
+
+
+# --------------------------------------------------------------------------------------
+# On a GPU
+# --------------------------------------------------------------------------------------
+def module_inputs(a, b, b_scale=None, out_dtype=None, name="m") -> ModuleInputs:
+    r, n = a[0].shape
+    plan = ModulePlan(
+        name=name, a_key=f"{name}.lora_A.weight", b_key=f"{name}.lora_B.weight", rank=r, in_features=n,
+        out_features=b[0].shape[0], members=tuple(range(len(a))), a_keys=("a",) * len(a), b_keys=("b",) * len(a),
+        b_scale=tuple(b_scale or [1.0] * len(a)), out_dtype=out_dtype or a[0].dtype, nbytes_in=0,
+    )  # fmt: skip
+    return ModuleInputs(plan, list(a), list(b))
+
+
+def _gpu(xs):
+    return [x.cuda() for x in xs]
+
+
+def run_cuda(modules, params, details=True):
+    from robustmerge_kernels.backends.cuda import CudaBackend
+
+    return CudaBackend().run(modules, params, details=details)
+
+
+def run_cpu(modules, params):
+    from robustmerge_kernels.backends.cpu import CpuBackend
+
+    return CpuBackend().run(modules, params, details=True)
+
+
+def kernel_masks(xs, taus):
+    return torch.stack([x.abs() >= tau for x, tau in zip(xs, taus)])
+
+
+def check_against_reference(a, b, density=0.2, clamp_quantile=0.8, lam=2.0, b_scale=None, out_dtype=None):
+    """a, b on the CPU; the merge runs on the GPU; everything compared on the CPU."""
+    params = RobustMergeParams(density, clamp_quantile, lam)
+    det = run_cuda([module_inputs(_gpu(a), _gpu(b), b_scale, out_dtype)], params)
+    ref = robustmerge_module(a, b, params, b_scale, out_dtype)
+    assert torch.equal(kernel_masks(a, det.tau_a), ref.mask_a), "mask of A differs from the reference"
+    assert torch.equal(kernel_masks(b, det.tau_b), ref.mask_b), "mask of B differs from the reference"
+    torch.testing.assert_close(torch.stack(det.scales), ref.scales.double(), rtol=1e-12, atol=0.0)
+    out_a, out_b = (x.cpu() for x in det.outputs[0])
+    dtype = out_dtype or a[0].dtype
+    assert out_a.dtype == dtype and out_b.dtype == dtype
+    assert_close_to_exact(out_a, ref.a.double(), dtype, data_scale(a, lam), lam, "cuda A vs reference")
+    assert_close_to_exact(out_b, ref.b.double(), dtype, data_scale(b, lam, b_scale), lam, "cuda B vs reference")
+    # Same thresholds and the same float32 order of operations as the CPU kernel: A* is
+    # bit-identical to it (B* depends on the double row sums, summed in another order).
+    cpu = run_cpu([module_inputs(a, b, b_scale, out_dtype)], params)
+    for tc, tg in zip(cpu.tau_a + cpu.tau_b, det.tau_a + det.tau_b):
+        assert torch.equal(tc, tg.cpu()), "threshold differs from the cpu kernel"
+    assert torch.equal(cpu.outputs[0][0].view(torch.uint8), out_a.view(torch.uint8)), "A* differs from the cpu kernel"
+    return det, ref
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_IDS)
+@pytest.mark.parametrize("case", CASES)
+def test_adversarial_cases_match_reference(case, dtype):
+    a, b, kw = make_case(case, dtype)
+    if case in ("huge", "huge_mixed"):
+        kw = {**kw, "lam": 1.0 / len(a)}
+    check_against_reference(a, b, **kw)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_IDS)
+@pytest.mark.parametrize("r", [1, 3, 16, 17, 64])
+@pytest.mark.parametrize("n,m", [(1, 1), (33, 9), (600, 3), (40, 1100), (4097, 5)])
+def test_shape_grid(r, n, m, dtype):
+    """Odd sizes, partial warps and tiles, several fusion tiles, rows longer than a tile."""
+    a, b = random_module(r * 1000 + n + m, T=3, r=r, n=n, m=m, dtype=dtype)
+    check_against_reference(a, b, density=0.25)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_IDS)
+def test_matrices_larger_than_shared_memory(dtype):
+    """llava-7b MLP shapes (r 16 x 11008: 704 KB in fp32), streamed from L2, not staged."""
+    a, b = random_module(7, T=2, r=16, n=11008, m=4096, dtype=dtype)
+    check_against_reference(a, b)
+
+
+@needs_gpu
+def test_b_scale_mixed_dtypes_and_output_dtypes():
+    a, b = random_module(3, T=3, r=4, n=20, m=12, dtype=torch.float32)
+    check_against_reference(a, b, b_scale=[1.0, 4.0, 0.3])
+    a64, b64 = random_module(5, T=3, r=4, n=20, m=12, dtype=torch.float64)
+    a = [a64[0].float(), a64[1].bfloat16(), a64[2].half()]
+    b = [b64[0].half(), b64[1].float(), b64[2].bfloat16()]
+    check_against_reference(a, b, out_dtype=torch.float32)
+    for out_dtype in (torch.float16, torch.bfloat16, torch.float64):
+        a, b = random_module(9, T=4, r=8, n=64, m=48, dtype=torch.float32)
+        a[0][0, :8] = torch.tensor([1e-6, 3e-8, 6e-8, 9e-8, 65519.0, 65504.0, 1.0009765625, 2.0**-24 * 1.5])
+        params = RobustMergeParams(density=1.0, lam=1.0)
+        det = run_cuda([module_inputs(_gpu(a), _gpu(b), out_dtype=out_dtype)], params)
+        ref = robustmerge_module(a, b, params, out_dtype=out_dtype)
+        assert torch.equal(det.outputs[0][0].cpu(), ref.a)
+        torch.testing.assert_close(det.outputs[0][1].cpu(), ref.b, rtol=TOLERANCES[out_dtype].rtol, atol=1e-7)
+
+
+@needs_gpu
+def test_float64_modules_use_the_reference_path():
+    a, b = random_module(1, T=2, r=4, n=10, m=6, dtype=torch.float64)
+    from robustmerge_kernels.backends.cuda import CudaBackend
+
+    out = CudaBackend().robustmerge([module_inputs(_gpu(a), _gpu(b))], RobustMergeParams())
+    ref = robustmerge_module(a, b, RobustMergeParams())
+    assert torch.equal(out[0][0].cpu(), ref.a) and torch.equal(out[0][1].cpu(), ref.b)
+
+
+def _many_modules(count, T, dtype, seed=0, device="cpu"):
+    mods = []
+    for i in range(count):
+        a, b = random_module(seed + i, T=T, r=8, n=48 + i, m=40 + 3 * i, dtype=dtype)
+        mods.append(module_inputs([x.to(device) for x in a], [x.to(device) for x in b], name=f"m{i}"))
+    return mods
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_IDS)
+def test_grouped_plan_matches_cpu_backend_and_is_deterministic(dtype):
+    params = RobustMergeParams()
+    gpu = _many_modules(12, T=5, dtype=dtype, device="cuda")
+    first, second = run_cuda(gpu, params), run_cuda(gpu, params)
+    cpu = run_cpu(_many_modules(12, T=5, dtype=dtype), params)
+    for (a0, b0), (a1, b1), (ac, bc) in zip(first.outputs, second.outputs, cpu.outputs):
+        assert torch.equal(a0, a1) and torch.equal(b0, b1), "not bit-identical run to run"
+        assert torch.equal(a0.cpu(), ac)
+        torch.testing.assert_close(b0.cpu(), bc, rtol=TOLERANCES[dtype].rtol, atol=1e-7)
+    for t0, tc in zip(first.tau_a + first.tau_b, cpu.tau_a + cpu.tau_b):
+        assert torch.equal(t0.cpu(), tc)
+    for s0, s1, sc in zip(first.scales, second.scales, cpu.scales):
+        assert torch.equal(s0, s1)
+        torch.testing.assert_close(s0.cpu(), sc, rtol=1e-12, atol=0.0)
+
+
+@needs_gpu
+def test_runs_on_the_callers_stream():
+    """Inputs written on a side stream right before the merge, no synchronisation: correct
+    only if the kernels run on that (current) stream, after the writes."""
+    params = RobustMergeParams()
+    a, b = random_module(11, T=4, r=16, n=4096, m=4096, dtype=torch.float32)
+    expected = run_cuda([module_inputs(_gpu(a), _gpu(b))], params, details=False).outputs[0]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ga = [torch.zeros_like(x, device="cuda") for x in a]
+        gb = [torch.zeros_like(x, device="cuda") for x in b]
+        torch.cuda._sleep(50_000_000)  # keep the side stream busy, so a wrong stream would race
+        for dst, src in zip(ga + gb, a + b):
+            dst.copy_(src.cuda(non_blocking=False))
+        got = run_cuda([module_inputs(ga, gb)], params, details=False).outputs[0]
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@needs_gpu
+def test_concurrent_threads_each_on_their_own_stream():
+    params = RobustMergeParams()
+    mods = _many_modules(6, T=3, dtype=torch.bfloat16, device="cuda")
+    expected = run_cuda(mods, params, details=False).outputs
+    results, errors = [None] * 4, []
+
+    def work(k):
+        try:
+            with torch.cuda.stream(torch.cuda.Stream()):
+                results[k] = [tuple(x.clone() for x in out) for out in run_cuda(mods, params, details=False).outputs]
+            torch.cuda.synchronize()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for res in results:
+        for (a0, b0), (a1, b1) in zip(expected, res):
+            assert torch.equal(a0, a1) and torch.equal(b0, b1)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_IDS)
+@pytest.mark.parametrize("factor", ["A", "B"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_refused(dtype, factor, bad):
+    a, b = random_module(2, T=3, r=4, n=37, m=29, dtype=dtype)
+    (a if factor == "A" else b)[2].view(-1)[-1] = bad
+    with pytest.raises(NonFiniteInput) as info:
+        run_cuda([module_inputs(_gpu(a), _gpu(b))], RobustMergeParams())
+    assert info.value.member == 2 and info.value.factor == factor
+
+
+@needs_gpu
+def test_merge_api_on_cuda_tensors_refuses_nan_and_overflow():
+    from conftest import lora_pair
+
+    pairs = [lora_pair(i, r=4, n=37, m=29) for i in range(3)]
+    gpu_pairs = [({k: v.cuda() for k, v in sd.items()}, cfg) for sd, cfg in pairs]
+    merged = rk.merge(gpu_pairs)
+    assert merged.report.backend == "cuda"
+    ref = rk.merge(pairs, backend="reference")
+    for key in ref:
+        assert_close_to_exact(
+            merged[key].cpu(), ref[key].double(), ref[key].dtype, float(ref[key].abs().max()), 2.0, key
+        )
+    key = "base_model.model.layers.0.v.lora_A.weight"
+    gpu_pairs[1][0][key][0, 0] = float("nan")
+    with pytest.raises(rk.AdapterError) as info:
+        rk.merge(gpu_pairs, backend="cuda")
+    assert info.value.adapter == "#1" and info.value.tensor == key
+    sd, cfg = lora_pair(0, dtype=torch.float16)
+    sd = {k: v.cuda() for k, v in sd.items()}
+    sd["base_model.model.layers.0.q.lora_B.weight"].fill_(3e4)
+    with pytest.raises(rk.AdapterError, match="overflow the output dtype torch.float16"):
+        rk.merge([(sd, cfg), (sd, cfg)], backend="cuda", density=1.0, lam=3.0)
+
+
+@needs_gpu
+def test_raw_binding_refuses_host_addresses_before_launching():
+    ext = _ext()
+    a, b = torch.ones(2, 3), torch.ones(4, 2)  # CPU tensors: host addresses
+    out_a, out_b = torch.empty(2, 3, device="cuda"), torch.empty(4, 2, device="cuda")
+    status = torch.zeros(1, dtype=torch.int32, device="cuda")
+    row = dict(a=a.data_ptr(), b=b.data_ptr(), a_dtype=0, b_dtype=0, k_a=4, k_b=6)
+    mod = dict(rank=2, in_features=3, out_features=4, first=0, members=1, out_a=out_a.data_ptr(),
+               out_b=out_b.data_ptr(), out_dtype=0, clamp_index=1)  # fmt: skip
+    it = torch.tensor([[row[c] for c in plan_tables.ITEM_COLUMNS]], dtype=torch.int64)
+    md = torch.tensor([[mod[c] for c in plan_tables.MODULE_COLUMNS]], dtype=torch.int64)
+    bs = torch.ones(1, dtype=torch.float64)
+    stream = torch.cuda.current_stream().cuda_stream
+    with pytest.raises(ValueError, match="item input A of row 0 is not device memory"):
+        ext.robustmerge(it.data_ptr(), 1, bs.data_ptr(), md.data_ptr(), 1, 2.0, stream, status.data_ptr())
+    a, b = a.cuda(), b.cuda()
+    it[0, 0], it[0, 1] = a.data_ptr(), b.data_ptr()
+    host_status = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="status is not device memory"):
+        ext.robustmerge(it.data_ptr(), 1, bs.data_ptr(), md.data_ptr(), 1, 2.0, stream, host_status.data_ptr())
+    ext.robustmerge(it.data_ptr(), 1, bs.data_ptr(), md.data_ptr(), 1, 2.0, stream, status.data_ptr())
+    assert int(status.cpu()[0]) == 0
+    assert torch.equal(out_a.cpu(), torch.full((2, 3), 2.0))  # all ties kept, lam = 2
+    assert torch.equal(out_b.cpu(), torch.full((4, 2), 2.0))  # weights 1 (one adapter)
+
+
+@needs_gpu
+def test_overflow_flag_per_factor():
+    a, b = random_module(4, T=2, r=4, n=8, m=6, dtype=torch.float16)
+    a[0].fill_(6e4)
+    a[1].fill_(6e4)
+    with pytest.raises(OutputOverflow) as info:
+        run_cuda([module_inputs(_gpu(a), _gpu(b))], RobustMergeParams(density=1.0, lam=1.0))
+    assert info.value.factor == "A"
+
+
+def _sanitize_run() -> None:
+    """A small merge for compute-sanitizer (see the module docstring)."""
+    params = RobustMergeParams()
+    a, b = random_module(1, T=3, r=16, n=11008, m=300, dtype=torch.float32)
+    mods = [module_inputs(_gpu(a), _gpu(b), name="big")]
+    a2, b2 = random_module(2, T=3, r=3, n=33, m=9, dtype=torch.float64)
+    mods.append(module_inputs(_gpu([a2[0].half(), a2[1].bfloat16(), a2[2].float()]), _gpu([x.bfloat16() for x in b2]),
+                              out_dtype=torch.bfloat16, name="mixed"))  # fmt: skip
+    det = run_cuda(mods, params)
+    torch.cuda.synchronize()
+    ref = robustmerge_module(a, b, params)
+    assert torch.equal(kernel_masks(a, [t.cpu() for t in det.tau_a[:3]]), ref.mask_a)
+    assert_close_to_exact(det.outputs[0][0].cpu(), ref.a.double(), torch.float32, data_scale(a, 2.0), 2.0, "A")
+    b[1][5, 3] = float("nan")
+    try:
+        run_cuda([module_inputs(_gpu(a), _gpu(b))], params)
+        raise AssertionError("NaN not refused")
+    except NonFiniteInput:
+        pass
+    print("sanitize run: ok")
+
+
+if __name__ == "__main__":
+    if "--sanitize" in sys.argv:
+        _sanitize_run()
+    else:
+        sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
