@@ -15,12 +15,8 @@ import os
 
 import torch
 
-from ..params import RobustMergeParams
-from ..reference import robustmerge_module
-from . import BackendUnavailable, ModuleInputs
-from .tables import (
-    ITEM_COLUMNS, MODULE_COLUMNS, KernelDetails, build_tables, kernel_supported, raise_kernel_status, unpack_details,
-)
+from . import BackendUnavailable
+from .tables import ITEM_COLUMNS, MODULE_COLUMNS, KernelBackend, build_tables, raise_kernel_status, unpack_details
 
 ENV_THREADS = "ROBUSTMERGE_NUM_THREADS"
 
@@ -56,34 +52,12 @@ def _load_extension():
     return _cpu
 
 
-class CpuBackend:
+class CpuBackend(KernelBackend):
     name = "cpu"
     checks_finite = True  # the kernel sees inf/NaN in its histogram pass and overflow as it stores
 
     def __init__(self):
         self._ext = _load_extension()
-
-    def robustmerge(self, group: list[ModuleInputs], params: RobustMergeParams) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return self.run(group, params).outputs
-
-    def run(self, group: list[ModuleInputs], params: RobustMergeParams, details: bool = False) -> KernelDetails:
-        """Merge a group; with ``details`` also return the kernel's thresholds and scales."""
-        result = KernelDetails([None] * len(group), [], [], [])
-        kernel = []
-        for pos, g in enumerate(group):
-            if kernel_supported(g):
-                kernel.append(pos)
-            else:  # float64 input: the exact reference path
-                res = robustmerge_module(g.a, g.b, params, g.plan.b_scale, g.plan.out_dtype)
-                result.outputs[pos] = (res.a, res.b)
-        if kernel:
-            sub = [group[pos] for pos in kernel]
-            outputs, details_ = self._run_kernel(sub, params, details)
-            for pos, out in zip(kernel, outputs):
-                result.outputs[pos] = out
-            if details:
-                result.tau_a, result.tau_b, result.scales = details_
-        return result
 
     def _run_kernel(self, group, params, details):
         tables = build_tables(group, params, torch.device("cpu"))

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..params import RobustMergeParams
-from ..reference import robustmerge_module
 from . import BackendUnavailable, ModuleInputs
-from .cpu import KernelDetails, raise_kernel_status, unpack_details
-from .tables import ITEM_COLUMNS, MODULE_COLUMNS, build_tables, kernel_supported
+from .tables import ITEM_COLUMNS, MODULE_COLUMNS, KernelBackend, build_tables, raise_kernel_status, unpack_details
 
 
 def _load_extension():
@@ -46,7 +43,7 @@ def _group_device(group: list[ModuleInputs]) -> torch.device:
     return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
 
-class CudaBackend:
+class CudaBackend(KernelBackend):
     name = "cuda"
     checks_finite = True  # the selection kernel sees inf/NaN in its first histogram pass, overflow as it stores
 
@@ -56,30 +53,6 @@ class CudaBackend:
             raise BackendUnavailable("no CUDA device is available (torch.cuda.is_available() is False)")
         if self._ext.device_count() < 1:
             raise BackendUnavailable(f"the CUDA extension sees no device ({self._ext.device_error()})")
-
-    def robustmerge(
-        self, group: list[ModuleInputs], params: RobustMergeParams
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return self.run(group, params).outputs
-
-    def run(self, group: list[ModuleInputs], params: RobustMergeParams, details: bool = False) -> KernelDetails:
-        """Merge a group; with ``details`` also return the kernel's thresholds and scales."""
-        result = KernelDetails([None] * len(group), [], [], [])
-        kernel = []
-        for pos, g in enumerate(group):
-            if kernel_supported(g):
-                kernel.append(pos)
-            else:  # float64 input: the exact reference path
-                res = robustmerge_module(g.a, g.b, params, g.plan.b_scale, g.plan.out_dtype)
-                result.outputs[pos] = (res.a, res.b)
-        if kernel:
-            sub = [group[pos] for pos in kernel]
-            outputs, details_ = self._run_kernel(sub, params, details)
-            for pos, out in zip(kernel, outputs):
-                result.outputs[pos] = out
-            if details:
-                result.tau_a, result.tau_b, result.scales = details_
-        return result
 
     def _run_kernel(self, group, params, details):
         device = _group_device(group)

@@ -140,3 +140,38 @@ def unpack_details(group, tau: torch.Tensor, scales: torch.Tensor):
             offset += g.plan.rank
             item += 1
     return tau_a, tau_b, out_scales
+
+
+class KernelBackend:
+    """What the compiled backends share: kernel-supported modules go to ``_run_kernel``
+    (one call for the whole group), float64 ones to the exact reference."""
+
+    name = "kernel"
+    checks_finite = True  # kernels report inf/NaN inputs and overflowing outputs
+
+    def robustmerge(self, group: list[ModuleInputs], params: RobustMergeParams) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.run(group, params).outputs
+
+    def run(self, group: list[ModuleInputs], params: RobustMergeParams, details: bool = False) -> KernelDetails:
+        """Merge a group; with ``details`` also return the kernel's thresholds and scales."""
+        from ..reference import robustmerge_module
+
+        result = KernelDetails([None] * len(group), [], [], [])
+        kernel = []
+        for pos, g in enumerate(group):
+            if kernel_supported(g):
+                kernel.append(pos)
+            else:  # float64 input: the exact reference path
+                res = robustmerge_module(g.a, g.b, params, g.plan.b_scale, g.plan.out_dtype)
+                result.outputs[pos] = (res.a, res.b)
+        if kernel:
+            outputs, kernel_details = self._run_kernel([group[pos] for pos in kernel], params, details)
+            for pos, out in zip(kernel, outputs):
+                result.outputs[pos] = out
+            if details:
+                result.tau_a, result.tau_b, result.scales = kernel_details
+        return result
+
+    def _run_kernel(self, group: list[ModuleInputs], params: RobustMergeParams, details: bool):
+        """-> (outputs per module, (tau_a, tau_b, scales) per item or None)."""
+        raise NotImplementedError

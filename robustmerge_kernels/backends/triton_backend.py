@@ -22,12 +22,8 @@ import os
 
 import torch
 
-from ..params import RobustMergeParams
-from ..reference import robustmerge_module
 from . import BackendUnavailable, ModuleInputs
-from .tables import (
-    ITEM_COLUMNS, MODULE_COLUMNS, KernelDetails, build_tables, kernel_supported, raise_kernel_status, unpack_details,
-)
+from .tables import ITEM_COLUMNS, MODULE_COLUMNS, KernelBackend, build_tables, raise_kernel_status, unpack_details
 
 try:
     import triton
@@ -60,7 +56,7 @@ def _check_columns() -> None:
         raise BackendUnavailable("plan table columns changed; update robustmerge_kernels/triton_kernels/common.py")
 
 
-class TritonBackend:
+class TritonBackend(KernelBackend):
     name = "triton"
     checks_finite = True  # pass 1 of the selection sees inf/NaN; the fusion flags overflow as it stores
 
@@ -74,30 +70,6 @@ class TritonBackend:
         from .. import triton_kernels
 
         self._k = triton_kernels
-
-    def robustmerge(
-        self, group: list[ModuleInputs], params: RobustMergeParams
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return self.run(group, params).outputs
-
-    def run(self, group: list[ModuleInputs], params: RobustMergeParams, details: bool = False) -> KernelDetails:
-        """Merge a group; with ``details`` also return the kernel's thresholds and scales."""
-        result = KernelDetails([None] * len(group), [], [], [])
-        kernel = []
-        for pos, g in enumerate(group):
-            if kernel_supported(g):
-                kernel.append(pos)
-            else:  # float64 input: the exact reference path
-                res = robustmerge_module(g.a, g.b, params, g.plan.b_scale, g.plan.out_dtype)
-                result.outputs[pos] = (res.a, res.b)
-        if kernel:
-            sub = [group[pos] for pos in kernel]
-            outputs, details_ = self._run_kernel(sub, params, details)
-            for pos, out in zip(kernel, outputs):
-                result.outputs[pos] = out
-            if details:
-                result.tau_a, result.tau_b, result.scales = details_
-        return result
 
     def _device(self, group: list[ModuleInputs]) -> torch.device:
         device = group[0].a[0].device
