@@ -217,3 +217,43 @@ CASES = [
     "equal_rows", "denormal", "huge", "huge_mixed", "negative_zero", "mostly_zero", "keep_all",
     "k_below_1", "k_N_minus_1", "clamp_q0", "clamp_q1", "odd_lam",
 ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Shared by the kernel-backend suites (cpu, triton, cuda)
+# --------------------------------------------------------------------------------------
+KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+KERNEL_IDS = ["fp32", "fp16", "bf16"]
+
+
+def module_inputs(a, b, b_scale=None, out_dtype=None, name="m", device=None):
+    """One module's inputs as a backend receives them (a plan with members 0..T-1)."""
+    from robustmerge_kernels.backends import ModuleInputs
+    from robustmerge_kernels.plan import ModulePlan
+
+    r, n = a[0].shape
+    plan = ModulePlan(
+        name=name, a_key=f"{name}.lora_A.weight", b_key=f"{name}.lora_B.weight", rank=r, in_features=n,
+        out_features=b[0].shape[0], members=tuple(range(len(a))), a_keys=("a",) * len(a), b_keys=("b",) * len(a),
+        b_scale=tuple(b_scale or [1.0] * len(a)), out_dtype=out_dtype or a[0].dtype, nbytes_in=0,
+    )  # fmt: skip
+    return ModuleInputs(plan, [x.to(device) if device else x for x in a], [x.to(device) if device else x for x in b])
+
+
+def kernel_masks(xs, taus):
+    """Masks a kernel used: |x| >= tau with tau as the kernel returned it (input dtype)."""
+    return torch.stack([x.abs() >= tau for x, tau in zip(xs, taus)])
+
+
+def property_module(T, r, n, m, dtype, kind, seed):
+    """Inputs for the hypothesis tests: random, heavy ties, or mostly zeros."""
+    a, b = random_module(seed, T=T, r=r, n=n, m=m, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":
+        a = [(x * 8).round() / 8 for x in a]
+        b = [(x * 200).round() / 200 for x in b]
+    elif kind == "sparse":
+        a = [x * (torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.3) for x in a]
+        b = [x * (torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.3) for x in b]
+    return [x.to(dtype) for x in a], [x.to(dtype) for x in b]
+

@@ -6,31 +6,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _cases import CASES, TOLERANCES, assert_close_to_exact, data_scale, make_case, random_module, subnormal_ints
+from _cases import (
+    CASES, KERNEL_DTYPES, KERNEL_IDS, TOLERANCES, assert_close_to_exact, data_scale, kernel_masks, make_case,
+    module_inputs, property_module, random_module, subnormal_ints,
+)
 from conftest import lora_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import _oracle
 import robustmerge_kernels as rk
-from robustmerge_kernels.backends import ModuleInputs
 from robustmerge_kernels.backends import cpu as cpu_backend
 from robustmerge_kernels.params import RobustMergeParams
-from robustmerge_kernels.plan import ModulePlan
 from robustmerge_kernels.reference import robustmerge_module
 
-KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-KERNEL_IDS = ["fp32", "fp16", "bf16"]
 
 
-def module_inputs(a, b, b_scale=None, out_dtype=None, name="m") -> ModuleInputs:
-    r, n = a[0].shape
-    plan = ModulePlan(
-        name=name, a_key=f"{name}.lora_A.weight", b_key=f"{name}.lora_B.weight", rank=r, in_features=n,
-        out_features=b[0].shape[0], members=tuple(range(len(a))), a_keys=("a",) * len(a), b_keys=("b",) * len(a),
-        b_scale=tuple(b_scale or [1.0] * len(a)), out_dtype=out_dtype or a[0].dtype, nbytes_in=0,
-    )  # fmt: skip
-    return ModuleInputs(plan, list(a), list(b))
 
 
 @pytest.fixture
@@ -44,9 +35,6 @@ def run_cpu(modules, params, details=True):
     return cpu_backend.CpuBackend().run(modules, params, details=details)
 
 
-def kernel_masks(xs, taus):
-    """Masks the kernel used: |x| >= tau with tau as the kernel returned it (input dtype)."""
-    return torch.stack([x.abs() >= tau for x, tau in zip(xs, taus)])
 
 
 def check_against_reference(a, b, density=0.2, clamp_quantile=0.8, lam=2.0, b_scale=None):
@@ -172,15 +160,7 @@ def test_exact_with_flush_denormal_enabled():
     dtype=st.sampled_from(KERNEL_DTYPES), kind=st.sampled_from(["random", "ties", "sparse"]), seed=st.integers(0, 10**6),
 )  # fmt: skip
 def test_property_masks_and_outputs_match_reference(T, r, n, m, density, clamp_quantile, lam, dtype, kind, seed):
-    a, b = random_module(seed, T=T, r=r, n=n, m=m, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    if kind == "ties":
-        a = [(x * 8).round() / 8 for x in a]
-        b = [(x * 200).round() / 200 for x in b]
-    elif kind == "sparse":
-        a = [x * (torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.3) for x in a]
-        b = [x * (torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.3) for x in b]
-    check_against_reference([x.to(dtype) for x in a], [x.to(dtype) for x in b], density, clamp_quantile, lam)
+    check_against_reference(*property_module(T, r, n, m, dtype, kind, seed), density, clamp_quantile, lam)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_IDS)

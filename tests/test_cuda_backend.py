@@ -36,17 +36,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _cases, conftest when run as a script
 
-from _cases import CASES, TOLERANCES, assert_close_to_exact, data_scale, make_case, random_module  # noqa: E402
+from _cases import (  # noqa: E402
+    CASES, KERNEL_DTYPES, KERNEL_IDS, TOLERANCES, assert_close_to_exact, data_scale, kernel_masks, make_case,
+    module_inputs, random_module,
+)
 
 import robustmerge_kernels as rk  # noqa: E402
-from robustmerge_kernels.backends import BackendUnavailable, ModuleInputs, NonFiniteInput, OutputOverflow  # noqa: E402
+from robustmerge_kernels.backends import BackendUnavailable, NonFiniteInput, OutputOverflow  # noqa: E402
 from robustmerge_kernels.backends import tables as plan_tables  # noqa: E402
 from robustmerge_kernels.params import RobustMergeParams  # noqa: E402
-from robustmerge_kernels.plan import ModulePlan  # noqa: E402
 from robustmerge_kernels.reference import robustmerge_module  # noqa: E402
 
-KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-KERNEL_IDS = ["fp32", "fp16", "bf16"]
 
 
 def _importable() -> bool:
@@ -231,14 +231,6 @@ def test_backend_unavailable_without_a_gpu():
 # --------------------------------------------------------------------------------------
 # On a GPU
 # --------------------------------------------------------------------------------------
-def module_inputs(a, b, b_scale=None, out_dtype=None, name="m") -> ModuleInputs:
-    r, n = a[0].shape
-    plan = ModulePlan(
-        name=name, a_key=f"{name}.lora_A.weight", b_key=f"{name}.lora_B.weight", rank=r, in_features=n,
-        out_features=b[0].shape[0], members=tuple(range(len(a))), a_keys=("a",) * len(a), b_keys=("b",) * len(a),
-        b_scale=tuple(b_scale or [1.0] * len(a)), out_dtype=out_dtype or a[0].dtype, nbytes_in=0,
-    )  # fmt: skip
-    return ModuleInputs(plan, list(a), list(b))
 
 
 def _gpu(xs):
@@ -257,8 +249,6 @@ def run_cpu(modules, params):
     return CpuBackend().run(modules, params, details=True)
 
 
-def kernel_masks(xs, taus):
-    return torch.stack([x.abs() >= tau for x, tau in zip(xs, taus)])
 
 
 def check_against_reference(a, b, density=0.2, clamp_quantile=0.8, lam=2.0, b_scale=None, out_dtype=None):

@@ -18,7 +18,11 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton): the triton backend is not tested")
 
-from _cases import CASES, assert_close_to_exact, data_scale, make_case, random_module  # noqa: E402
+from _cases import (  # noqa: E402
+    CASES, KERNEL_DTYPES, KERNEL_IDS, assert_close_to_exact, data_scale, kernel_masks, make_case, property_module,
+    random_module,
+)
+from _cases import module_inputs as shared_module_inputs  # noqa: E402
 from conftest import lora_pair  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -29,7 +33,6 @@ from robustmerge_kernels import backends  # noqa: E402
 from robustmerge_kernels.backends import BackendUnavailable, ModuleInputs, NonFiniteInput, OutputOverflow  # noqa: E402
 from robustmerge_kernels.backends import triton_backend as tb  # noqa: E402
 from robustmerge_kernels.params import RobustMergeParams  # noqa: E402
-from robustmerge_kernels.plan import ModulePlan  # noqa: E402
 from robustmerge_kernels.reference import robustmerge_module  # noqa: E402
 
 # numpy, under the interpreter, warns where the kernels divide or cast non-finite values on
@@ -39,8 +42,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning"),
 ]
 
-KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-KERNEL_IDS = ["fp32", "fp16", "bf16"]
 
 try:
     BACKEND = tb.TritonBackend()
@@ -49,14 +50,8 @@ except BackendUnavailable as exc:  # e.g. TRITON_INTERPRET=0 on a machine withou
 DEVICE = torch.device("cpu") if BACKEND.interpret else torch.device("cuda")
 
 
-def module_inputs(a, b, b_scale=None, out_dtype=None, name="m") -> ModuleInputs:
-    r, n = a[0].shape
-    plan = ModulePlan(
-        name=name, a_key=f"{name}.lora_A.weight", b_key=f"{name}.lora_B.weight", rank=r, in_features=n,
-        out_features=b[0].shape[0], members=tuple(range(len(a))), a_keys=("a",) * len(a), b_keys=("b",) * len(a),
-        b_scale=tuple(b_scale or [1.0] * len(a)), out_dtype=out_dtype or a[0].dtype, nbytes_in=0,
-    )  # fmt: skip
-    return ModuleInputs(plan, [x.to(DEVICE) for x in a], [x.to(DEVICE) for x in b])
+def module_inputs(a, b, b_scale=None, out_dtype=None, name="m"):
+    return shared_module_inputs(a, b, b_scale, out_dtype, name, device=DEVICE)
 
 
 def run_triton(modules, params, details=True):
@@ -65,9 +60,6 @@ def run_triton(modules, params, details=True):
     return det
 
 
-def kernel_masks(xs, taus):
-    """Masks the kernel used: |x| >= tau with tau as the kernel returned it (input dtype)."""
-    return torch.stack([x.abs() >= tau for x, tau in zip(xs, taus)])
 
 
 def check_module(a, b, det_tau_a, det_tau_b, det_scales, out, params, b_scale=None, what="triton"):
@@ -196,15 +188,7 @@ def test_float64_modules_use_the_reference_path():
     dtype=st.sampled_from(KERNEL_DTYPES), kind=st.sampled_from(["random", "ties", "sparse"]), seed=st.integers(0, 10**6),
 )  # fmt: skip
 def test_property_masks_and_outputs_match_reference(T, r, n, m, density, clamp_quantile, lam, dtype, kind, seed):
-    a, b = random_module(seed, T=T, r=r, n=n, m=m, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    if kind == "ties":
-        a = [(x * 8).round() / 8 for x in a]
-        b = [(x * 200).round() / 200 for x in b]
-    elif kind == "sparse":
-        a = [x * (torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.3) for x in a]
-        b = [x * (torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.3) for x in b]
-    check_against_reference([x.to(dtype) for x in a], [x.to(dtype) for x in b], density, clamp_quantile, lam)
+    check_against_reference(*property_module(T, r, n, m, dtype, kind, seed), density, clamp_quantile, lam)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=KERNEL_IDS)
