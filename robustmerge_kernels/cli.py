@@ -34,7 +34,7 @@ def _merge(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(tasks=args.tasks, steps=args.steps, out=args.output, backend=args.backend)
+    run_demo(tasks=args.tasks, steps=args.steps, out=args.output, backend=args.backend, overwrite=args.overwrite)
     return 0
 
 
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=60)
     d.add_argument("-o", "--output", default=None, help="keep the merged adapter here")
     d.add_argument("--backend", default="auto")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     d.set_defaults(func=_demo)
 
     b = sub.add_parser("backends", help="list backends and whether they can run here")

@@ -34,7 +34,9 @@ def max_delta_error(peft_model, merged: dict[str, torch.Tensor], scaling: float)
     return worst
 
 
-def run_demo(tasks: int = 3, steps: int = 60, out: str | None = None, backend: str = "auto", echo=print) -> dict:
+def run_demo(
+    tasks: int = 3, steps: int = 60, out: str | None = None, backend: str = "auto", overwrite: bool = False, echo=print
+) -> dict:
     from peft import PeftModel
 
     # transformers 5 deprecation noise raised inside peft; it says nothing about the merge.
@@ -51,7 +53,7 @@ def run_demo(tasks: int = 3, steps: int = 60, out: str | None = None, backend: s
             folders.append(folder)
             echo(f"trained adapter for toy task {task} ({steps} steps) -> {folder}")
         target = out or os.path.join(tmp, "merged")
-        merged = merge(folders, backend=backend, out=target, overwrite=out is not None)
+        merged = merge(folders, backend=backend, out=target, overwrite=overwrite)
         echo(merged.report.summary() + f" -> {target}")
 
         loaded = PeftModel.from_pretrained(copy.deepcopy(base), target).eval()

@@ -74,3 +74,4 @@ def test_python_dash_m_and_demo_output_folder(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (out / "adapter_config.json").exists() and (out / "robustmerge.json").exists()
+    assert main(["demo", "--tasks", "2", "--steps", "1", "-o", str(out)]) == 2  # never replaced silently
