@@ -9,6 +9,7 @@ complete.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -93,6 +94,130 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
+class SafetensorsStream:
+    """A safetensors file written tensor by tensor as the merge produces them.
+
+    Every output's name, shape and dtype is known from the plan before merging, so the
+    header (with each tensor's offset) is written first and each tensor goes to its place
+    with a positional write as soon as it exists. close() checks every tensor arrived.
+    """
+
+    _NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+    def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...], torch.dtype]]):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        self._spans: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        offset = 0
+        for key, shape, dtype in entries:
+            size = dtype.itemsize
+            for d in shape:
+                size *= d
+            header[key] = {"dtype": self._NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._spans[key] = (offset, tuple(shape), dtype)
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self._data = 8 + len(text)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self._fd, len(text).to_bytes(8, "little") + text, 0)
+        os.ftruncate(self._fd, self._data + offset)
+        self._pending = set(self._spans)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        offset, shape, dtype = self._spans[key]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"{key}: got {tuple(tensor.shape)} {tensor.dtype}, the header says {shape} {dtype}")
+        t = tensor.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if nbytes:
+            view = memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
+            done = 0
+            while done < nbytes:
+                done += os.pwrite(self._fd, view[done:], self._data + offset + done)
+        self._pending.discard(key)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if self._pending:
+                raise RuntimeError(f"{len(self._pending)} tensors never written, e.g. {sorted(self._pending)[0]!r}")
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class StagedAdapter:
+    """An adapter folder being written: a hidden temporary folder beside the destination,
+    renamed into place by commit(); on any error (leaving the ``with`` block by an
+    exception) it is removed and a replaced destination is left as it was."""
+
+    def __init__(self, out: str, overwrite: bool):
+        self.out = check_destination(out, overwrite)
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.tmp-", dir=os.path.dirname(self.out))
+        self.streams: list[SafetensorsStream] = []
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.tmp, name)
+
+    def stream(self, entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> SafetensorsStream:
+        self.streams.append(SafetensorsStream(self.path(SAFETENSORS_NAME), entries))
+        return self.streams[-1]
+
+    def write_tensors(self, tensors: dict[str, torch.Tensor], max_shard_size: int | None = None) -> None:
+        """adapter_model.safetensors (or shards with an index) from tensors in memory."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        for name, shard in _shards(tensors, max_shard_size):
+            save_file(shard, self.path(name), metadata={"format": "pt"})
+            _fsync_file(self.path(name))
+        if max_shard_size is not None and len(_shard_names(tensors, max_shard_size)) > 1:
+            _write_json(self.path(INDEX_NAME), _index(tensors, max_shard_size))
+
+    def write_torch(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors in the torch.save format they came in (non_lora_trainables.bin)."""
+        torch.save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, self.path(name))
+        _fsync_file(self.path(name))
+
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        _write_json(self.path(name), data)
+
+    def commit(self) -> str:
+        for stream in self.streams:
+            stream.close()
+        backup = None
+        if os.path.exists(self.out):
+            backup = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.old-", dir=os.path.dirname(self.out))
+            os.rmdir(backup)
+            os.rename(self.out, backup)
+        try:
+            os.rename(self.tmp, self.out)
+        except BaseException:
+            if backup is not None:
+                os.rename(backup, self.out)  # put the user's previous adapter back
+            raise
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+        return self.out
+
+    def abort(self) -> None:
+        for stream in self.streams:
+            try:
+                stream.close()
+            except RuntimeError:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> StagedAdapter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
 def write_adapter(
     out: str,
     state_dict: dict[str, torch.Tensor],
@@ -109,36 +234,16 @@ def write_adapter(
     a larger adapter is split into ``adapter_model-0000i-of-0000N.safetensors`` files with an
     ``adapter_model.safetensors.index.json`` (the Hugging Face convention). peft 0.21 loads
     only single-file adapters, so sharding is opt-in."""
-    from safetensors.torch import save_file
+    files = files or {}
+    with StagedAdapter(out, overwrite) as staged:
+        staged.write_tensors({k: v for k, v in state_dict.items() if k not in files}, max_shard_size)
+        finish_adapter(staged, state_dict, files, config, record)
+        return staged.commit()
 
-    out = check_destination(out, overwrite)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
-    backup = None
-    try:
-        files = files or {}
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k not in files}
-        for name, shard in _shards(tensors, max_shard_size):
-            weights = os.path.join(tmp, name)
-            save_file(shard, weights, metadata={"format": "pt"})
-            _fsync_file(weights)
-        if max_shard_size is not None and len(os.listdir(tmp)) > 1:
-            _write_json(os.path.join(tmp, INDEX_NAME), _index(tensors, max_shard_size))
-        for name in sorted(set(files.values())):
-            path = os.path.join(tmp, name)
-            torch.save({k: state_dict[k].detach().to("cpu").contiguous() for k, f in files.items() if f == name}, path)
-            _fsync_file(path)
-        _write_json(os.path.join(tmp, CONFIG_NAME), config)
-        _write_json(os.path.join(tmp, RECORD_NAME), record)
-        if os.path.exists(out):
-            backup = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-            os.rmdir(backup)
-            os.rename(out, backup)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if backup is not None and not os.path.exists(out):
-            os.rename(backup, out)  # put the user's previous adapter back
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-    return out
+
+def finish_adapter(staged: StagedAdapter, tensors, files: dict[str, str], config, record) -> None:
+    """The files beside the weights: other-format tensors, the config and the record."""
+    for name in sorted(set(files.values())):
+        staged.write_torch(name, {k: tensors[k] for k, f in files.items() if f == name})
+    staged.write_json(CONFIG_NAME, config)
+    staged.write_json(RECORD_NAME, record)
