@@ -3,7 +3,10 @@
 // tensors, builds the tables and owns all memory.
 #include <pybind11/pybind11.h>
 
+#include <atomic>
+#include <stdexcept>
 #include <thread>
+#include <vector>
 
 #include "robustmerge/robustmerge_cpu.h"
 
@@ -30,12 +33,50 @@ static bool robustmerge_tables(uintptr_t items, int64_t n_items, uintptr_t b_sca
   return rm::robustmerge_cpu(t);
 }
 
+
+// Exact magnitude thresholds for a batch of matrices (baseline methods' top-k masks): one row
+// per matrix in an int64 table [n, 4] = (address, dtype, numel, k). keys_out[i] receives the
+// k-th smallest |x| (1-based) as a magnitude key, exactly robustmerge's select_threshold;
+// k < 1 gives 0 (keep everything). Returns False when a matrix holds inf/NaN (status[i] = 1).
+static bool thresholds_table(uintptr_t table, int64_t n, int n_threads, uintptr_t keys_out, uintptr_t status_out) {
+  const int64_t* t = reinterpret_cast<const int64_t*>(table);
+  if (n < 0 || (n > 0 && (!t || !keys_out || !status_out)) || n_threads < 1)
+    throw std::invalid_argument("thresholds: bad arguments");
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* row = t + 4 * i;
+    if (!row[0] || row[2] < 1 || row[3] < 0 || row[3] > row[2]) throw std::invalid_argument("thresholds: bad row");
+    if (row[1] != rm::kF32 && row[1] != rm::kF16 && row[1] != rm::kBF16)
+      throw std::invalid_argument("thresholds: dtype must be f32, f16 or bf16");
+  }
+  uint32_t* keys = reinterpret_cast<uint32_t*>(keys_out);
+  int32_t* status = reinterpret_cast<int32_t*>(status_out);
+  std::atomic<bool> ok{true};
+  {
+    py::gil_scoped_release release;
+    rm::parallel_for(n, n_threads, [&](int64_t i) {
+      const int64_t* row = t + 4 * i;
+      std::vector<uint32_t> candidates;
+      rm::dispatch_dtype(int32_t(row[1]), [&](auto tr) {
+        using Tr = decltype(tr);
+        const auto* x = reinterpret_cast<const typename Tr::Storage*>(row[0]);
+        const rm::Threshold th = rm::select_threshold<Tr>(x, row[2], row[3], candidates);
+        keys[i] = th.key;
+        status[i] = th.finite ? 0 : 1;
+        if (!th.finite) ok = false;
+      });
+    });
+  }
+  return ok;
+}
+
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "robustmerge_kernels CPU kernels (C++17, pybind11, no libtorch)";
   m.def("robustmerge", &robustmerge_tables, py::arg("items"), py::arg("n_items"), py::arg("b_scale"),
         py::arg("modules"), py::arg("n_modules"), py::arg("lam"), py::arg("n_threads"), py::arg("status"),
         py::arg("module_status") = 0, py::arg("tau_out") = 0, py::arg("scales_out") = 0,
         "RobustMerge a whole plan. Returns False (statuses set) when an input holds inf/NaN.");
+  m.def("thresholds", &thresholds_table, py::arg("table"), py::arg("n"), py::arg("n_threads"), py::arg("keys_out"),
+        py::arg("status_out"), "Exact k-th smallest |x| keys for a table of (address, dtype, numel, k) rows.");
   m.def("hardware_threads", [] { return std::thread::hardware_concurrency(); });
   m.attr("ITEM_COLUMNS") = py::make_tuple("a", "b", "a_dtype", "b_dtype", "k_a", "k_b");
   m.attr("MODULE_COLUMNS") = py::make_tuple("rank", "in_features", "out_features", "first", "members", "out_a",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -17,9 +18,13 @@ from .plan import MergePlan, ModulePlan, build_plan
 from .reference import mean_tensors
 from .sources import AdapterSource, open_adapter
 from .record import InputHashes, build_record
-from .writer import check_destination, write_adapter
+from .writer import StagedAdapter, check_destination, finish_adapter
 
-METHODS = ("robustmerge",)
+# --- baseline methods (robustmerge_kernels.methods): linear, cat, svd, ties, dare_*, pcb, ... ---
+from . import methods as _methods  # noqa: E402
+
+METHODS = ("robustmerge", *_methods.METHODS)
+# --- end baseline methods ---
 
 # Modules are handed to the backend in groups of about this many input bytes: large enough
 # for a fused kernel to fill the machine, small enough to bound memory by a working set.
@@ -176,6 +181,13 @@ def merge(
     progress: bool = False,
     group_bytes: int | None = None,
     max_shard_size: int | str | None = None,
+    weights: Sequence[float] | None = None,
+    majority_sign_method: str = "total",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    seed: int = 0,
+    pcb_ratio: float = 0.1,
+    keep_in_memory: bool = True,
 ) -> MergedAdapter:
     """Merge LoRA adapters into one adapter of the same rank.
 
@@ -184,14 +196,30 @@ def merge(
     saves them) with ``.config`` (the output ``adapter_config.json``) and ``.report``;
     with ``out`` it is also written there as a PEFT adapter folder, atomically
     (``max_shard_size``, bytes or "5GB": split larger weights into indexed shards, which
-    peft 0.21 cannot load; single-file output is the default).
+    peft 0.21 cannot load; single-file output is the default). RobustMerge output is
+    written as it is produced; ``keep_in_memory=False`` then returns no tensors (only
+    ``config`` and ``report``), so peak memory is a working set, not the whole output.
+
+    ``method``: "robustmerge" (``density``, ``clamp_quantile``, ``lam``) or a baseline of
+    :mod:`robustmerge_kernels.methods` (task_arithmetic/linear, ties, dare_linear, dare_ties,
+    magnitude_prune, cat, svd, ties_svd, dare_linear_svd, dare_ties_svd,
+    magnitude_prune_svd, pcb), which take ``weights`` (one per adapter, default 1.0),
+    ``density``, ``majority_sign_method``, ``svd_rank``, ``svd_clamp`` (as PEFT's
+    ``add_weighted_adapter``), ``seed`` (DARE) and ``pcb_ratio``.
     """
     start = time.perf_counter()
     if method not in METHODS:
         raise AdapterError(f"unknown merge method {method!r}; available: {', '.join(METHODS)}")
     if isinstance(adapters, (str, os.PathLike, dict)) or not isinstance(adapters, Sequence):
         raise AdapterError("adapters must be a list (of folders, state dicts, pairs or models)")
-    params = RobustMergeParams(density, clamp_quantile, lam)
+    if method == "robustmerge":
+        params = RobustMergeParams(density, clamp_quantile, lam)
+    else:  # baseline methods: validated by methods.check_options
+        params = _methods.MethodOptions(
+            tuple(weights) if weights is not None else None, density, majority_sign_method, svd_rank, svd_clamp,
+            seed, pcb_ratio,
+        )  # fmt: skip
+        _methods.check_options(method, params, len(adapters))
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     if out is not None:
@@ -202,53 +230,103 @@ def merge(
         for i, a in enumerate(adapters):
             sources.append(open_adapter(a, i))
         return _merge_sources(
-            sources, method, params, out_dtype, backend, out, overwrite, progress, group_bytes, shard_bytes, start
+            sources, method, params, out_dtype, backend, out, overwrite, progress, group_bytes, shard_bytes,
+            keep_in_memory, start,
         )
     finally:
         for source in sources:
             source.close()
 
 
-def _merge_sources(sources, method, params, out_dtype, backend, out, overwrite, progress, group_bytes, shard_bytes, start):
+def _merge_sources(sources, method, params, out_dtype, backend, out, overwrite, progress, group_bytes, shard_bytes,
+                   keep_in_memory, start):
     plan = build_plan(sources, out_dtype)
     if out is not None and plan.out_config is None:
         raise AdapterError("cannot write a PEFT folder: no adapter came with a LoRA config; pass (state_dict, config)")
     device = _device_of(sources, plan)
     impl = get_backend(backend, device.type)
+    run = dict(plan=plan, sources=sources, impl=impl, params=params, device=device, progress=progress,
+               group_bytes=group_bytes)  # fmt: skip
+    if method != "robustmerge":  # baselines change ranks and config: written after merging
+        run = dict(plan=plan, sources=sources, method=method, options=params, device=device, progress=progress)
+    produce = _run_plan if method == "robustmerge" else _run_baseline
+    if out is None:
+        merged = produce(**run)
+        merged.report = _report(plan, sources, impl, method, params, merged)
+        merged.report.seconds = time.perf_counter() - start
+        return merged
 
-    hashes = InputHashes(sources) if out is not None else None
+    hashes = InputHashes(sources)
     try:
-        merged = _run_plan(plan, sources, impl, params, device, progress, group_bytes)
+        with StagedAdapter(out, overwrite) as staged:
+            # Unsharded output is written as it is produced (offsets known from the plan).
+            if method == "robustmerge" and not shard_bytes:
+                stream = staged.stream(_output_entries(plan))
+                merged = produce(**run, sink=stream.write, keep=keep_in_memory)
+            else:
+                merged = produce(**run)
+                staged.write_tensors({k: v for k, v in merged.items() if k not in merged.files}, shard_bytes)
+            merged.report = _report(plan, sources, impl, method, params, merged)
+            report = {k: v for k, v in asdict(merged.report).items() if k not in ("seconds", "adapters")}
+            record = build_record(sources, hashes.result(), report)
+            finish_adapter(staged, merged, merged.files, merged.config, record)
+            staged.commit()
+        if not keep_in_memory:
+            merged.clear()
     except BaseException:
-        if hashes is not None:
-            hashes.cancel()
+        hashes.cancel()
         raise
-    merged.report = MergeReport(
+    merged.report.seconds = time.perf_counter() - start
+    return merged
+
+
+def _output_entries(plan: MergePlan) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(key, shape, dtype) of every tensor of adapter_model.safetensors, in writing order."""
+    entries = []
+    for m in plan.modules:
+        entries.append((m.a_key, (m.rank, m.in_features), m.out_dtype))
+        entries.append((m.b_key, (m.out_features, m.rank), m.out_dtype))
+    entries += [(mean.key, mean.shape, mean.out_dtype) for mean in plan.means if mean.file is None]
+    return entries
+
+
+def _report(plan: MergePlan, sources: list[AdapterSource], impl, method: str, params, merged) -> MergeReport:
+    if method == "robustmerge":  # from the plan: the tensors may already be on disk only
+        numel = sum(m.rank * (m.in_features + m.out_features) for m in plan.modules)
+        numel += sum(math.prod(mean.shape) for mean in plan.means)
+    else:  # baselines change ranks (cat, svd)
+        numel = sum(v.numel() for v in merged.values())
+    return MergeReport(
         method=method,
-        backend=impl.name,
+        backend=impl.name if method == "robustmerge" else "methods",  # baselines run methods/, not a backend
         adapters=[s.label for s in sources],
         modules=len(plan.modules),
-        parameters=sum(v.numel() for v in merged.values()),
+        parameters=numel,
         bytes_in=plan.bytes_in(),
         seconds=0.0,
-        hyperparameters=asdict(params),
+        hyperparameters=asdict(params) if method == "robustmerge" else params.hyperparameters(method),
         partial_modules={
             m.name: [s.label for t, s in enumerate(sources) if t not in m.members] for m in plan.partial_modules()
         },
         averaged_tensors=len(plan.means),
     )
-    if out is not None:
-        report = {k: v for k, v in asdict(merged.report).items() if k not in ("seconds", "adapters")}
-        record = build_record(sources, hashes.result(), report)
-        write_adapter(out, merged, plan.out_config, record, overwrite, merged.files, shard_bytes)
-    merged.report.seconds = time.perf_counter() - start
-    return merged
 
 
-def _run_plan(plan, sources, impl, params, device, progress, group_bytes) -> MergedAdapter:
-    """Load, merge and collect every module group, then the averaged non-LoRA tensors."""
+def _run_plan(plan, sources, impl, params, device, progress, group_bytes, sink=None, keep=True) -> MergedAdapter:
+    """Load, merge and emit every module group, then the averaged non-LoRA tensors. Each
+    result goes to ``sink`` (the output file) as it is produced, and stays in the returned
+    dict when ``keep`` (tensors for files written at the end always stay)."""
     merged = MergedAdapter()
     merged.config = plan.out_config
+
+    def emit(key: str, value: torch.Tensor, file: str | None = None) -> None:
+        if file is not None:
+            merged.files[key] = file
+        elif sink is not None:
+            sink(key, value)
+        if keep or file is not None:
+            merged[key] = value
+
     bar = _progress_bar(len(plan.modules), progress)
     scan = not getattr(impl, "checks_finite", False)  # kernels that see inf/NaN themselves skip a pass
     if group_bytes is None:
@@ -272,16 +350,37 @@ def _run_plan(plan, sources, impl, params, device, progress, group_bytes) -> Mer
         except OutputOverflow as exc:
             _refuse_overflow(exc.plan.a_key if exc.factor == "A" else exc.plan.b_key, exc.plan.out_dtype)
         for m, (a, b) in zip(group, results):
-            merged[m.a_key] = a if not scan else _finite_output(m.a_key, a)
-            merged[m.b_key] = b if not scan else _finite_output(m.b_key, b)
+            emit(m.a_key, a if not scan else _finite_output(m.a_key, a))
+            emit(m.b_key, b if not scan else _finite_output(m.b_key, b))
         bar.update(len(group))
     bar.close()
+    _add_means(emit, plan, sources, device)
+    return merged
+
+
+def _add_means(emit, plan, sources, device) -> None:
+    """SPEC step 5: each non-LoRA tensor, averaged over its carriers, to ``emit``."""
     for mean in plan.means:
         values = [_load(sources[t], key, device) for t, key in zip(mean.members, mean.keys)]
-        merged[mean.key] = _finite_output(mean.key, mean_tensors(values, mean.out_dtype))
-        if mean.file is not None:
-            merged.files[mean.key] = mean.file
+        emit(mean.key, _finite_output(mean.key, mean_tensors(values, mean.out_dtype)), mean.file)
 
+
+def _run_baseline(plan, sources, method, options, device, progress) -> MergedAdapter:
+    """A baseline method (robustmerge_kernels.methods) over every module, then the means."""
+    bar = _progress_bar(len(plan.modules), progress)
+    tensors, config = _methods.merge_baseline(
+        plan, method, options, lambda t, key: _load(sources[t], key, device), bar.update
+    )
+    bar.close()
+    merged = MergedAdapter(tensors)
+    merged.config = config
+
+    def emit(key: str, value: torch.Tensor, file: str | None = None) -> None:
+        merged[key] = value
+        if file is not None:
+            merged.files[key] = file
+
+    _add_means(emit, plan, sources, device)
     return merged
 
 

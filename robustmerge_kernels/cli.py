@@ -23,6 +23,14 @@ def _merge(args) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet and sys.stderr.isatty(),
         max_shard_size=args.max_shard_size,
+        keep_in_memory=False,  # the CLI only writes: output streams to disk, not held in memory
+        # baseline methods (robustmerge_kernels.methods)
+        weights=args.weights,
+        majority_sign_method=args.majority_sign_method,
+        svd_rank=args.svd_rank,
+        svd_clamp=args.svd_clamp,
+        seed=args.seed,
+        pcb_ratio=args.pcb_ratio,
     )
     report = result.report
     print(f"{report.summary()} -> {args.output}")
@@ -53,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge PEFT adapter folders into one PEFT adapter folder")
     m.add_argument("adapters", nargs="+", help="PEFT adapter folders (adapter_config.json + weights)")
     m.add_argument("-o", "--output", required=True, help="output adapter folder (written atomically)")
-    m.add_argument("--method", default="robustmerge")
+    m.add_argument("--method", default="robustmerge", help="robustmerge (default), task_arithmetic, linear, ties, "
+                   "dare_linear, dare_ties, magnitude_prune, cat, svd, ties_svd, dare_linear_svd, dare_ties_svd, "
+                   "magnitude_prune_svd, pcb")  # fmt: skip
     m.add_argument("--density", type=float, default=0.2, help="fraction of each matrix kept (default 0.2)")
     m.add_argument("--clamp-quantile", type=float, default=0.8, help="lower clamp of A-row scales (default 0.8)")
     m.add_argument("--lam", type=float, default=2.0, help="fusion weight on merged A and B (default 2.0)")
@@ -62,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--max-shard-size", default=None, help="split weights into indexed shards above this (e.g. 5GB); "
                    "peft 0.21 loads only unsharded adapters, so the default is one file")  # fmt: skip
+    # baseline methods: options named as in PEFT's add_weighted_adapter
+    m.add_argument("--weights", type=float, nargs="+", default=None, help="baselines: one weight per adapter (default 1.0)")
+    m.add_argument("--majority-sign-method", default="total", choices=("total", "frequency"), help="ties, dare_ties")
+    m.add_argument("--svd-rank", type=int, default=None, help="svd family: output rank (default: largest input rank)")
+    m.add_argument("--svd-clamp", type=float, default=None, help="svd family: clamp factors at this quantile")
+    m.add_argument("--seed", type=int, default=0, help="dare_*: seed of the hashed random drop (default 0)")
+    m.add_argument("--pcb-ratio", type=float, default=0.1, help="pcb: fraction of balanced entries kept (default 0.1)")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_merge)
 
@@ -76,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("backends", help="list backends and whether they can run here")
     b.add_argument("--device", default="cpu")
     b.set_defaults(func=_backends)
+
+    from .eval.cli import add_eval_parsers
+
+    add_eval_parsers(sub)
     return parser
 
 

@@ -208,12 +208,12 @@ def test_killed_during_write_leaves_no_complete_looking_folder(adapter_dirs, tmp
     script = textwrap.dedent(f"""
         import time, sys
         import robustmerge_kernels.writer as w
-        real = w._fsync_file
-        def slow(path):  # a slow disk: stall after the weights are written
-            real(path)
+        real = w._write_json
+        def slow(path, data):  # a slow disk: stall after the weights, writing the config
+            real(path, data)
             print("WRITING", flush=True)
             time.sleep(60)
-        w._fsync_file = slow
+        w._write_json = slow
         import robustmerge_kernels as rk
         rk.merge({adapter_dirs!r}, out={str(out)!r})
     """)
@@ -255,3 +255,20 @@ def test_sharded_output_with_index_reads_back_as_input(adapter_dirs, tmp_path):
     assert sorted(p.name for p in single.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "robustmerge.json"]
     with pytest.raises(rk.AdapterError, match="cannot read size"):
         rk.merge(adapter_dirs, out=str(tmp_path / "x"), max_shard_size="lots")
+
+
+def test_streamed_output_is_a_valid_safetensors_file_and_can_skip_memory(adapter_dirs, base_model, tmp_path):
+    """RobustMerge output is written as produced into a pre-sized file: it must read back
+    with safetensors and peft, equal the in-memory result, and keep_in_memory=False must
+    return no tensors."""
+    in_memory = rk.merge(adapter_dirs)
+    out = tmp_path / "streamed"
+    lean = rk.merge(adapter_dirs, out=str(out), keep_in_memory=False)
+    assert len(lean) == 0 and lean.report.parameters == sum(v.numel() for v in in_memory.values())
+    written = load_file(str(out / "adapter_model.safetensors"))
+    assert written.keys() == in_memory.keys() and all(torch.equal(written[k], in_memory[k]) for k in written)
+    raw = (out / "adapter_model.safetensors").read_bytes()
+    assert (8 + int.from_bytes(raw[:8], "little")) % 8 == 0  # data 8-byte aligned, as safetensors writes it
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base_model), str(out))
+    assert max_delta_error(loaded, in_memory, in_memory.config["lora_alpha"] / in_memory.config["r"]) == 0.0
+
