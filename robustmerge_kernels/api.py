@@ -13,6 +13,7 @@ import torch
 
 from .backends import ModuleInputs, NonFiniteInput, OutputOverflow, get_backend
 from .errors import AdapterError
+from .finite import all_finite
 from .params import RobustMergeParams
 from .plan import MergePlan, ModulePlan, build_plan
 from .reference import mean_tensors
@@ -125,10 +126,8 @@ def _device_of(sources: list[AdapterSource], plan: MergePlan) -> torch.device:
 
 
 def require_finite(x: torch.Tensor, adapter: str, key: str) -> None:
-    """Refuse NaN/Inf input. A finite sum proves every element finite (NaN and Inf always
-    propagate into it) at a fraction of the cost of isfinite() over the tensor; only a
-    non-finite sum, which a huge but finite tensor can also give, needs the full check."""
-    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+    """Refuse NaN/Inf input, naming the adapter and tensor with the count."""
+    if not all_finite(x):
         bad = (~torch.isfinite(x)).sum().item()
         raise AdapterError(f"contains {bad} NaN/Inf values; refusing to merge non-finite weights", adapter, key)
 
@@ -142,7 +141,7 @@ def _load(source: AdapterSource, key: str, device: torch.device, check_finite: b
 
 def _finite_output(key: str, x: torch.Tensor) -> torch.Tensor:
     """Finite inputs can still overflow the output dtype (lam * sum of fp16 values): refuse."""
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         _refuse_overflow(key, x.dtype)
     return x
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError
+from ..finite import all_finite
 from ..keys import canonical_name
 from ..plan import MergePlan, ModulePlan
 from ..scaling import ScalingRule
@@ -169,6 +170,8 @@ def merge_module(
     # factor-space methods: PEFT's sqrt split of w_t * s_t over A (with the sign) and B
     wa = torch.tensor([math.copysign(math.sqrt(abs(v)), v) if v != 0 else 0.0 for v in ws], dtype=torch.float32)
     wb = torch.tensor([math.sqrt(abs(v)) for v in ws], dtype=torch.float32)
+    if base in ("linear", "task_arithmetic"):  # memory-bound: one read of each input, no stacked copy
+        return combine.weighted_sum(a, wa, ct), combine.weighted_sum(b, wb, ct)
     out = []
     for factor, xs, w in (("A", a, wa), ("B", b, wb)):
         stack = torch.stack([x.to(ct) for x in xs])
@@ -223,7 +226,7 @@ def merge_baseline(
         )
         for key, x in ((m.a_key, A), (m.b_key, B)):
             x = x.to(m.out_dtype)
-            if not torch.isfinite(x).all():
+            if not all_finite(x):
                 raise AdapterError(
                     f"merged values are not finite in {m.out_dtype}; choose a wider dtype (dtype='fp32')", tensor=key
                 )

@@ -30,6 +30,14 @@ def task_arithmetic(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x * _w(x, w)).sum(dim=0)
 
 
+def weighted_sum(xs: Sequence[torch.Tensor], w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """task_arithmetic without stacking: sum_t w_t x_t accumulated in place, inputs read once."""
+    acc = xs[0].to(dtype) * float(w[0])
+    for x, wt in zip(xs[1:], w[1:].tolist()):
+        acc.add_(x.to(dtype), alpha=wt)
+    return acc
+
+
 def magnitude_prune(
     x: torch.Tensor, w: torch.Tensor, density: float, raw: Sequence[torch.Tensor] | None = None
 ) -> torch.Tensor:
