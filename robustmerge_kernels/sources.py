@@ -80,7 +80,7 @@ def _read_config(folder: str, label: str) -> dict[str, Any]:
 
 
 # safetensors dtype names this library merges (others are refused when planned).
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _ST_OTHER = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER = 100 << 20
 
@@ -129,7 +129,7 @@ class SafetensorsFile:
                 name, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 self._fail("malformed tensor entry", key)
-            if name not in _ST_DTYPES:
+            if name not in ST_DTYPES:
                 if name not in _ST_OTHER:
                     self._fail(f"unknown dtype {name!r}", key)
                 raise AdapterError(f"dtype {name} is not a floating-point type this library merges", self.label, key)
@@ -138,14 +138,13 @@ class SafetensorsFile:
                 if d < 0:
                     self._fail(f"negative dimension in shape {list(shape)}", key)
                 numel *= d
-            if not (0 <= start <= end <= size - self._data) or end - start != numel * _ST_DTYPES[name].itemsize:
+            if not (0 <= start <= end <= size - self._data) or end - start != numel * ST_DTYPES[name].itemsize:
                 self._fail(f"data offsets [{start}, {end}) do not fit the file or the shape {list(shape)}", key)
-            self.shapes[key], self.dtypes[key], self._spans[key] = shape, _ST_DTYPES[name], start
+            self.shapes[key], self.dtypes[key], self._spans[key] = shape, ST_DTYPES[name], start
 
     def read(self, key: str) -> torch.Tensor:
         out = torch.empty(self.shapes[key], dtype=self.dtypes[key])
-        nbytes = out.numel() * out.element_size()
-        view = memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B") if nbytes else memoryview(b"")
+        view = byte_view(out)
         got, offset = 0, self._data + self._spans[key]
         while got < len(view):  # preadv may return short counts
             n = os.preadv(self._fd, [view[got:]], offset + got)
@@ -192,6 +191,15 @@ def _open_sharded(folder: str, index_path: str, label: str) -> AdapterSource:
     source = AdapterSource(label, None, shapes, dtypes, lambda key: where[key].read(key), path=index_path, closer=close)
     source.shard_paths = [os.path.join(folder, name) for name in shards]
     return source
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable in place (for positional reads/writes).
+    The view does not own the memory: the caller keeps ``t`` alive while using it."""
+    nbytes = t.numel() * t.element_size()
+    if not nbytes:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
 
 
 def _no_duplicates(pairs):

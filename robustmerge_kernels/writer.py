@@ -9,7 +9,6 @@ complete.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import AdapterError
-from .sources import CONFIG_NAME, INDEX_NAME, SAFETENSORS_NAME
+from .sources import CONFIG_NAME, INDEX_NAME, SAFETENSORS_NAME, ST_DTYPES, byte_view
 
 RECORD_NAME = "robustmerge.json"
 
@@ -28,34 +27,19 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _shard_names(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> list[list[str]]:
-    """Keys per shard, in key order; a tensor larger than the limit gets a shard of its own."""
-    if max_shard_size is None:
-        return [list(tensors)]
-    shards, size = [[]], 0
+def _shard_files(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> dict[str, str]:
+    """The file of every key, in key order: one file, or shards of at most ``max_shard_size``
+    bytes (a tensor larger than the limit gets a shard of its own)."""
+    groups, size = [[]], 0
     for key, t in tensors.items():
-        if shards[-1] and size + _nbytes(t) > max_shard_size:
-            shards.append([])
+        if max_shard_size is not None and groups[-1] and size + _nbytes(t) > max_shard_size:
+            groups.append([])
             size = 0
-        shards[-1].append(key)
+        groups[-1].append(key)
         size += _nbytes(t)
-    return shards
-
-
-def _shard_file(i: int, n: int) -> str:
-    return SAFETENSORS_NAME if n == 1 else f"adapter_model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
-def _shards(tensors, max_shard_size):
-    groups = _shard_names(tensors, max_shard_size)
-    for i, keys in enumerate(groups):
-        yield _shard_file(i, len(groups)), {k: tensors[k] for k in keys}
-
-
-def _index(tensors, max_shard_size) -> dict[str, Any]:
-    groups = _shard_names(tensors, max_shard_size)
-    weight_map = {k: _shard_file(i, len(groups)) for i, keys in enumerate(groups) for k in keys}
-    return {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())}, "weight_map": weight_map}
+    n = len(groups)
+    name = (lambda i: SAFETENSORS_NAME) if n == 1 else (lambda i: f"adapter_model-{i + 1:05d}-of-{n:05d}.safetensors")
+    return {key: name(i) for i, keys in enumerate(groups) for key in keys}
 
 
 def check_destination(out: str, overwrite: bool) -> str:
@@ -102,7 +86,7 @@ class SafetensorsStream:
     with a positional write as soon as it exists. close() checks every tensor arrived.
     """
 
-    _NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+    _NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}  # the reader's table, inverted
 
     def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...], torch.dtype]]):
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -127,13 +111,11 @@ class SafetensorsStream:
         offset, shape, dtype = self._spans[key]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(f"{key}: got {tuple(tensor.shape)} {tensor.dtype}, the header says {shape} {dtype}")
-        t = tensor.detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        if nbytes:
-            view = memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
-            done = 0
-            while done < nbytes:
-                done += os.pwrite(self._fd, view[done:], self._data + offset + done)
+        t = tensor.detach().to("cpu").contiguous()  # kept: the view does not own the memory
+        view = byte_view(t)
+        done = 0
+        while done < len(view):  # pwrite may write less than asked
+            done += os.pwrite(self._fd, view[done:], self._data + offset + done)
         self._pending.discard(key)
 
     def close(self) -> None:
@@ -170,11 +152,13 @@ class StagedAdapter:
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        for name, shard in _shards(tensors, max_shard_size):
-            save_file(shard, self.path(name), metadata={"format": "pt"})
+        files = _shard_files(tensors, max_shard_size)
+        for name in dict.fromkeys(files.values()):
+            save_file({k: t for k, t in tensors.items() if files[k] == name}, self.path(name), metadata={"format": "pt"})
             _fsync_file(self.path(name))
-        if max_shard_size is not None and len(_shard_names(tensors, max_shard_size)) > 1:
-            _write_json(self.path(INDEX_NAME), _index(tensors, max_shard_size))
+        if len(set(files.values())) > 1:
+            total = sum(_nbytes(t) for t in tensors.values())
+            _write_json(self.path(INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": files})
 
     def write_torch(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Tensors in the torch.save format they came in (non_lora_trainables.bin)."""
