@@ -11,21 +11,18 @@ from typing import Any
 
 import torch
 
+from . import methods as _methods
 from .backends import ModuleInputs, NonFiniteInput, OutputOverflow, get_backend
 from .errors import AdapterError
 from .finite import all_finite
 from .params import RobustMergeParams
 from .plan import MergePlan, ModulePlan, build_plan
+from .record import InputHashes, build_record
 from .reference import mean_tensors
 from .sources import AdapterSource, open_adapter
-from .record import InputHashes, build_record
 from .writer import StagedAdapter, check_destination, finish_adapter
 
-# --- baseline methods (robustmerge_kernels.methods): linear, cat, svd, ties, dare_*, pcb, ... ---
-from . import methods as _methods  # noqa: E402
-
-METHODS = ("robustmerge", *_methods.METHODS)
-# --- end baseline methods ---
+METHODS = ("robustmerge", *_methods.METHODS)  # baselines: robustmerge_kernels.methods
 
 # Modules are handed to the backend in groups of about this many input bytes: large enough
 # for a fused kernel to fill the machine, small enough to bound memory by a working set.
@@ -317,15 +314,7 @@ def _run_plan(plan, sources, impl, params, device, progress, group_bytes, sink=N
     dict when ``keep`` (tensors for files written at the end always stay)."""
     merged = MergedAdapter()
     merged.config = plan.out_config
-
-    def emit(key: str, value: torch.Tensor, file: str | None = None) -> None:
-        if file is not None:
-            merged.files[key] = file
-        elif sink is not None:
-            sink(key, value)
-        if keep or file is not None:
-            merged[key] = value
-
+    emit = _emitter(merged, sink, keep)
     bar = _progress_bar(len(plan.modules), progress)
     scan = not getattr(impl, "checks_finite", False)  # kernels that see inf/NaN themselves skip a pass
     if group_bytes is None:
@@ -357,6 +346,22 @@ def _run_plan(plan, sources, impl, params, device, progress, group_bytes, sink=N
     return merged
 
 
+def _emitter(merged: MergedAdapter, sink=None, keep: bool = True):
+    """Where each merged tensor goes: ``sink`` (the output file) as it is produced, the
+    returned dict when ``keep``; tensors for another file (``file``) always stay, to be
+    written at the end."""
+
+    def emit(key: str, value: torch.Tensor, file: str | None = None) -> None:
+        if file is not None:
+            merged.files[key] = file
+        elif sink is not None:
+            sink(key, value)
+        if keep or file is not None:
+            merged[key] = value
+
+    return emit
+
+
 def _add_means(emit, plan, sources, device) -> None:
     """SPEC step 5: each non-LoRA tensor, averaged over its carriers, to ``emit``."""
     for mean in plan.means:
@@ -373,13 +378,7 @@ def _run_baseline(plan, sources, method, options, device, progress) -> MergedAda
     bar.close()
     merged = MergedAdapter(tensors)
     merged.config = config
-
-    def emit(key: str, value: torch.Tensor, file: str | None = None) -> None:
-        merged[key] = value
-        if file is not None:
-            merged.files[key] = file
-
-    _add_means(emit, plan, sources, device)
+    _add_means(_emitter(merged), plan, sources, device)
     return merged
 
 
