@@ -73,7 +73,10 @@ class ModelShape:
         return [m.target for m in self.modules]
 
 
-def _llama(name: str, layers: int, hidden: int, intermediate: int, spec_m: float) -> ModelShape:
+def _transformer(name: str, layers: int, hidden: int, intermediate: int, spec_m: float, layer_prefix: str,
+                 attention: tuple[str, ...], up: tuple[str, ...], down: str) -> ModelShape:  # fmt: skip
+    """LoRA on every attention projection (hidden -> hidden), the MLP's ``up`` projections
+    (hidden -> intermediate) and its ``down`` projection (intermediate -> hidden)."""
     h, i = hidden, intermediate
     return ModelShape(
         name=name,
@@ -81,37 +84,23 @@ def _llama(name: str, layers: int, hidden: int, intermediate: int, spec_m: float
         hidden=hidden,
         intermediate=intermediate,
         modules=(
-            ModuleShape("self_attn.q_proj", h, h),
-            ModuleShape("self_attn.k_proj", h, h),
-            ModuleShape("self_attn.v_proj", h, h),
-            ModuleShape("self_attn.o_proj", h, h),
-            ModuleShape("mlp.gate_proj", h, i),
-            ModuleShape("mlp.up_proj", h, i),
-            ModuleShape("mlp.down_proj", i, h),
+            *(ModuleShape(f"self_attn.{p}", h, h) for p in attention),
+            *(ModuleShape(f"mlp.{p}", h, i) for p in up),
+            ModuleShape(f"mlp.{down}", i, h),
         ),
-        layer_prefix="base_model.model.model.layers.{i}",
+        layer_prefix=layer_prefix,
         spec_params_r16=spec_m,
     )
+
+
+def _llama(name: str, layers: int, hidden: int, intermediate: int, spec_m: float) -> ModelShape:
+    return _transformer(name, layers, hidden, intermediate, spec_m, "base_model.model.model.layers.{i}",
+                        ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj"), "down_proj")  # fmt: skip
 
 
 def _clip(name: str, layers: int, hidden: int, intermediate: int, spec_m: float) -> ModelShape:
-    h, i = hidden, intermediate
-    return ModelShape(
-        name=name,
-        layers=layers,
-        hidden=hidden,
-        intermediate=intermediate,
-        modules=(
-            ModuleShape("self_attn.q_proj", h, h),
-            ModuleShape("self_attn.k_proj", h, h),
-            ModuleShape("self_attn.v_proj", h, h),
-            ModuleShape("self_attn.out_proj", h, h),
-            ModuleShape("mlp.fc1", h, i),
-            ModuleShape("mlp.fc2", i, h),
-        ),
-        layer_prefix="base_model.model.vision_model.encoder.layers.{i}",
-        spec_params_r16=spec_m,
-    )
+    return _transformer(name, layers, hidden, intermediate, spec_m, "base_model.model.vision_model.encoder.layers.{i}",
+                        ("q_proj", "k_proj", "v_proj", "out_proj"), ("fc1",), "fc2")  # fmt: skip
 
 
 #: SPEC section 6. ``spec_params_r16`` is the table's figure, kept to check it against.
