@@ -16,13 +16,7 @@ namespace rm = robustmerge;
 static bool robustmerge_tables(uintptr_t items, int64_t n_items, uintptr_t b_scale, uintptr_t modules,
                                int64_t n_modules, double lam, int n_threads, uintptr_t status,
                                uintptr_t module_status, uintptr_t tau_out, uintptr_t scales_out) {
-  rm::MergeTables t;
-  t.items = reinterpret_cast<const int64_t*>(items);
-  t.n_items = n_items;
-  t.b_scale = reinterpret_cast<const double*>(b_scale);
-  t.modules = reinterpret_cast<const int64_t*>(modules);
-  t.n_modules = n_modules;
-  t.lam = lam;
+  rm::MergeTables t = rm::plan_tables(items, n_items, b_scale, modules, n_modules, lam);
   t.n_threads = n_threads;
   t.status = reinterpret_cast<int32_t*>(status);
   t.module_status = reinterpret_cast<int32_t*>(module_status);

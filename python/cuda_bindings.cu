@@ -23,13 +23,7 @@ namespace rm = robustmerge;
 static void robustmerge_tables(uintptr_t items, int64_t n_items, uintptr_t b_scale, uintptr_t modules,
                                int64_t n_modules, double lam, uintptr_t stream, uintptr_t status,
                                uintptr_t module_status, uintptr_t tau_out, uintptr_t scales_out, int device) {
-  rm::MergeTables t;
-  t.items = reinterpret_cast<const int64_t*>(items);
-  t.n_items = n_items;
-  t.b_scale = reinterpret_cast<const double*>(b_scale);
-  t.modules = reinterpret_cast<const int64_t*>(modules);
-  t.n_modules = n_modules;
-  t.lam = lam;
+  rm::MergeTables t = rm::plan_tables(items, n_items, b_scale, modules, n_modules, lam);
   t.n_threads = 1;
   t.status = reinterpret_cast<int32_t*>(status);
   if (device < -1) throw std::invalid_argument("robustmerge cuda kernel: device must be >= -1");

@@ -41,6 +41,19 @@ struct MergeTables {
   int32_t* module_status = nullptr;  // optional [n_modules]: 1 A* overflowed its dtype, 2 B* did
 };
 
+// The plan part of MergeTables from raw addresses, as both bindings (CPU and CUDA) receive it.
+inline MergeTables plan_tables(uintptr_t items, int64_t n_items, uintptr_t b_scale, uintptr_t modules,
+                               int64_t n_modules, double lam) {
+  MergeTables t;
+  t.items = reinterpret_cast<const int64_t*>(items);
+  t.n_items = n_items;
+  t.b_scale = reinterpret_cast<const double*>(b_scale);
+  t.modules = reinterpret_cast<const int64_t*>(modules);
+  t.n_modules = n_modules;
+  t.lam = lam;
+  return t;
+}
+
 constexpr int64_t kBlock = 8192;  // fusion block, in output elements (fits L1/L2 with T inputs)
 
 inline int64_t dtype_size(int64_t dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2; }
