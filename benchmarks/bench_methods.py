@@ -2,7 +2,7 @@
 
     python benchmarks/bench_methods.py [--shape llava-7b] [--tasks 8] [--peft-svd svd ties_svd]
 
-Synthetic fp32 adapters (robustmerge_kernels.synthetic), rank 16, ``T`` tasks. PEFT cannot
+Synthetic fp32 adapters (robustmerge_kernels.demo.synthetic), rank 16, ``T`` tasks. PEFT cannot
 hold a 7B model here, so PEFT is timed on its own per-module code with the same tensors:
 ``LoraModel._generalized_task_arithmetic_weighted_adapter`` / ``_svd_generalized_...`` on a
 stand-in LoRA layer (``cat``: the lines of ``add_weighted_adapter`` that build it).
@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 
 import robustmerge_kernels as rk
-from robustmerge_kernels import synthetic
+from robustmerge_kernels.demo import synthetic
 from robustmerge_kernels.methods import METHODS, SVD_METHODS
 
 FAST_PEFT = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")

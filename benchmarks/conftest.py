@@ -1,7 +1,7 @@
 """pytest-benchmark harness for robustmerge_kernels (see benchmarks/README.md).
 
 Cases are (shape, T adapters, dtype[, layers]) from SPEC section 6, built with
-:mod:`robustmerge_kernels.synthetic`. For each case the same session measures, in order:
+:mod:`robustmerge_kernels.demo.synthetic`. For each case the same session measures, in order:
 
 * ``copy``        - every input tensor copied into a preallocated tensor (``dst.copy_(src)``,
                     one call per tensor): the memory-bandwidth yardstick for the merge;
@@ -87,7 +87,7 @@ FULL_CASES = (
 
 def parse_case(text: str) -> BenchCase:
     """``shape:T[:dtype[:layers[:rank]]]``, e.g. ``llava-13b:8:bf16`` or ``llava-7b:32:fp32:4``."""
-    from robustmerge_kernels.synthetic import SHAPES
+    from robustmerge_kernels.demo.synthetic import SHAPES
 
     parts = [p.strip() for p in text.split(":")]
     if len(parts) < 2 or parts[0] not in SHAPES:
@@ -207,7 +207,7 @@ def _mem_available() -> int | None:
 
 @pytest.fixture(scope="module")
 def case_data(bench_case: BenchCase):
-    from robustmerge_kernels import synthetic
+    from robustmerge_kernels.demo import synthetic
 
     one = synthetic.adapter_nbytes(bench_case.shape, bench_case.rank, bench_case.torch_dtype, bench_case.layers)
     need = 2 * bench_case.T * one + (1 << 30)  # inputs + copy outputs + 1 GiB for the merge itself

@@ -8,7 +8,7 @@ One command on a machine with a CUDA GPU:
     python benchmarks/gpu_bench.py --out benchmarks/results/gpu-h100.csv
 
 For each case (shape:T:dtype[:layers], SPEC section 6 shapes, rank 16) synthetic adapters
-are made directly on the GPU with the distributions of robustmerge_kernels.synthetic
+are made directly on the GPU with the distributions of robustmerge_kernels.demo.synthetic
 (A uniform at Kaiming-uniform scale, B Gaussian std 0.01; the values come from a CUDA
 generator, so they differ from the CPU-generated ones, not their distribution). Each
 adapter's tensors are views into one buffer. Timed with CUDA events (warm-up calls first,
@@ -116,7 +116,7 @@ def make_adapters(case: Case, device, seed: int):
     """T synthetic adapters as (state_dict, config) pairs, each carved from one GPU buffer."""
     import torch
 
-    from robustmerge_kernels import synthetic
+    from robustmerge_kernels.demo import synthetic
 
     dtype = getattr(torch, DTYPES[case.dtype])
     mods = synthetic.module_list(case.shape, case.layers)

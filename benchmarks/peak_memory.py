@@ -21,7 +21,7 @@ import tempfile
 import torch
 
 import robustmerge_kernels as rk
-from robustmerge_kernels import synthetic
+from robustmerge_kernels.demo import synthetic
 from robustmerge_kernels.backends import cpu as cpu_backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 import robustmerge_kernels
-from robustmerge_kernels import synthetic
+from robustmerge_kernels.demo import synthetic
 from robustmerge_kernels.api import require_finite
 
 

@@ -5,10 +5,10 @@
 
 #include <atomic>
 #include <stdexcept>
-#include <thread>
 #include <vector>
 
 #include "robustmerge/robustmerge_cpu.h"
+#include "table_schema.h"
 
 namespace py = pybind11;
 namespace rm = robustmerge;
@@ -71,10 +71,5 @@ PYBIND11_MODULE(_cpu, m) {
         "RobustMerge a whole plan. Returns False (statuses set) when an input holds inf/NaN.");
   m.def("thresholds", &thresholds_table, py::arg("table"), py::arg("n"), py::arg("n_threads"), py::arg("keys_out"),
         py::arg("status_out"), "Exact k-th smallest |x| keys for a table of (address, dtype, numel, k) rows.");
-  m.def("hardware_threads", [] { return std::thread::hardware_concurrency(); });
-  m.attr("ITEM_COLUMNS") = py::make_tuple("a", "b", "a_dtype", "b_dtype", "k_a", "k_b");
-  m.attr("MODULE_COLUMNS") = py::make_tuple("rank", "in_features", "out_features", "first", "members", "out_a",
-                                            "out_b", "out_dtype", "clamp_index");
-  m.attr("DTYPES") = py::dict(py::arg("float32") = int(rm::kF32), py::arg("float16") = int(rm::kF16),
-                              py::arg("bfloat16") = int(rm::kBF16), py::arg("float64") = int(rm::kF64));
+  robustmerge_bindings::add_table_schema(m);
 }

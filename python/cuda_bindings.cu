@@ -12,6 +12,7 @@
 #include <string>
 
 #include "robustmerge/cuda/launch.cuh"
+#include "table_schema.h"
 
 #ifndef RMK_CUDA_ARCHS
 #define RMK_CUDA_ARCHS "unknown"
@@ -63,11 +64,5 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("device_error", &device_error, "Why no device is usable ('' when one is)");
   m.def("runtime_version", [] { return CUDART_VERSION; }, "CUDA runtime version the module was built with");
   m.attr("ARCHITECTURES") = RMK_CUDA_ARCHS;
-  m.attr("ITEM_COLUMNS") = py::make_tuple("a", "b", "a_dtype", "b_dtype", "k_a", "k_b");
-  m.attr("MODULE_COLUMNS") = py::make_tuple("rank", "in_features", "out_features", "first", "members", "out_a",
-                                            "out_b", "out_dtype", "clamp_index");
-  m.attr("DTYPES") = py::dict(py::arg("float32") = int(rm::kF32), py::arg("float16") = int(rm::kF16),
-                              py::arg("bfloat16") = int(rm::kBF16), py::arg("float64") = int(rm::kF64));
-  m.attr("STATUS") = py::dict(py::arg("ok") = int(rm::kOk), py::arg("a_non_finite") = int(rm::kANonFinite),
-                              py::arg("b_non_finite") = int(rm::kBNonFinite));
+  robustmerge_bindings::add_table_schema(m);
 }

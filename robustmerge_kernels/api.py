@@ -17,10 +17,10 @@ from .errors import AdapterError
 from .finite import all_finite
 from .params import RobustMergeParams
 from .plan import MergePlan, ModulePlan, build_plan
-from .record import InputHashes, build_record
+from .adapter_io.record import InputHashes, build_record
 from .reference import mean_tensors
-from .sources import AdapterSource, open_adapter
-from .writer import StagedAdapter, check_destination, finish_adapter
+from .adapter_io.sources import AdapterSource, open_adapter
+from .adapter_io.writer import StagedAdapter, check_destination, finish_adapter
 
 METHODS = ("robustmerge", *_methods.METHODS)  # baselines: robustmerge_kernels.methods
 

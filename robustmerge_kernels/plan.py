@@ -5,28 +5,24 @@ module's ``lora_A`` with its ``lora_B`` by module name (never by key order), che
 all adapters agree on shapes, and computes per (adapter, module) the ratio folded into B
 so every adapter is expressed in the output adapter's scaling.
 
-Kernels consume the plan as flat tables (:meth:`MergePlan.work_items`): one row per
-(module, adapter) pair with its shapes and B-scale, so a backend can launch once over a
-whole group of modules instead of looping over tensors in Python.
+Compiled backends turn groups of modules into flat plan tables (backends/tables.py), so
+a kernel launches once over a whole group instead of looping over tensors in Python.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .errors import AdapterError
-from .keys import FactorKey, canonical_name, parse_factor, unsupported_lora_part
-from .scaling import ScalingRule, check_config
-from .sources import AdapterSource
+from .adapter_io.keys import FactorKey, canonical_name, parse_factor, unsupported_lora_part
+from .adapter_io.scaling import ScalingRule, check_config
+from .adapter_io.sources import AdapterSource
 
 MERGEABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-# Columns of MergePlan.work_items(): one row per (module, adapter) pair.
-ITEM_COLUMNS = ("module", "adapter", "rank", "in_features", "out_features")
 
 
 @dataclass(frozen=True)
@@ -70,17 +66,6 @@ class MergePlan:
     means: list[MeanPlan]
     out_config: dict[str, Any] | None
 
-    def work_items(self, modules: Sequence[int] | None = None) -> torch.Tensor:
-        """int64 table [W, len(ITEM_COLUMNS)]: the (module, adapter) pairs to process."""
-        idx = range(len(self.modules)) if modules is None else modules
-        rows = [
-            (i, t, m.rank, m.in_features, m.out_features)
-            for i in idx
-            for m in (self.modules[i],)
-            for t in m.members
-        ]
-        return torch.tensor(rows, dtype=torch.int64).reshape(-1, len(ITEM_COLUMNS))
-
     def bytes_in(self) -> int:
         return sum(m.nbytes_in for m in self.modules)
 
@@ -90,10 +75,7 @@ class MergePlan:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * dtype.itemsize
+    return math.prod(shape) * dtype.itemsize
 
 
 def _collect(source: AdapterSource) -> tuple[dict[str, dict[str, tuple[str, FactorKey]]], dict[str, str]]:

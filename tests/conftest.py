@@ -17,7 +17,7 @@ import warnings  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from robustmerge_kernels.toy import tiny_llama, train_adapter  # noqa: E402
+from robustmerge_kernels.demo.toy import tiny_llama, train_adapter  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

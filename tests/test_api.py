@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import robustmerge_kernels as rk
 from robustmerge_kernels.demo import max_delta_error
 from robustmerge_kernels.reference import robustmerge_module
-from robustmerge_kernels.toy import tiny_llama, train_adapter
+from robustmerge_kernels.demo.toy import tiny_llama, train_adapter
 
 
 def test_folders_state_dicts_pairs_and_models_agree(adapter_dirs, trained_models):
@@ -171,22 +171,19 @@ def test_backend_registry_and_environment_override(monkeypatch):
         rk.merge([lora_pair(0)], backend="tpu-magic")
 
 
-def test_plan_work_items_are_one_flat_table(adapter_dirs):
-    from robustmerge_kernels.plan import ITEM_COLUMNS, build_plan
-    from robustmerge_kernels.sources import open_adapter
-
-    plan = build_plan([open_adapter(d, i) for i, d in enumerate(adapter_dirs)])
-    items = plan.work_items()
-    assert items.shape == (len(plan.modules) * 3, len(ITEM_COLUMNS))
-    assert len(plan.modules) == 14  # 2 layers x 7 Llama projections
-    down = next(i for i, m in enumerate(plan.modules) if m.name.endswith("layers.0.mlp.down_proj"))
-    rows = items[items[:, 0] == down]
-    assert rows[:, 1].tolist() == [0, 1, 2] and rows[0, 2:].tolist() == [4, 128, 64]
-    assert plan.bytes_in() == sum(os.path.getsize(os.path.join(d, "adapter_model.safetensors")) for d in adapter_dirs) - sum(
-        _header_bytes(os.path.join(d, "adapter_model.safetensors")) for d in adapter_dirs
-    )
-
-
 def _header_bytes(path: str) -> int:
     with open(path, "rb") as f:
         return 8 + int.from_bytes(f.read(8), "little")
+
+
+def test_plan_pairs_every_module_and_counts_its_bytes(adapter_dirs):
+    from robustmerge_kernels.adapter_io.sources import open_adapter
+    from robustmerge_kernels.plan import build_plan
+
+    plan = build_plan([open_adapter(d, i) for i, d in enumerate(adapter_dirs)])
+    assert len(plan.modules) == 14  # 2 layers x 7 Llama projections
+    down = next(m for m in plan.modules if m.name.endswith("layers.0.mlp.down_proj"))
+    assert down.members == (0, 1, 2) and (down.rank, down.in_features, down.out_features) == (4, 128, 64)
+    assert plan.bytes_in() == sum(os.path.getsize(os.path.join(d, "adapter_model.safetensors")) for d in adapter_dirs) - sum(
+        _header_bytes(os.path.join(d, "adapter_model.safetensors")) for d in adapter_dirs
+    )

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from robustmerge_kernels import synthetic
+from robustmerge_kernels.demo import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

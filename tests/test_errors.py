@@ -197,7 +197,7 @@ def test_failure_during_write_leaves_nothing_and_keeps_previous_output(tmp_path,
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("robustmerge_kernels.writer._write_json", crash)
+    monkeypatch.setattr("robustmerge_kernels.adapter_io.writer._write_json", crash)
     with pytest.raises(OSError, match="disk full"):
         rk.merge([lora_pair(1)], out=str(out), overwrite=True)
     after = load_file(str(out / "adapter_model.safetensors"))

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import robustmerge_kernels as rk
 from robustmerge_kernels.demo import max_delta_error
-from robustmerge_kernels.toy import train_adapter
+from robustmerge_kernels.demo.toy import train_adapter
 
 PROJ = "base_model.model.model.mm_projector"
 
@@ -121,7 +121,7 @@ def test_rank_and_alpha_patterns(base_model, tmp_path):
     torch.testing.assert_close(layer.get_delta_weight("default"), delta)
     # the third adapter's down_proj (alpha 4, r 8 -> 0.5) is folded at 0.5 / 4 into B
     from robustmerge_kernels.plan import build_plan
-    from robustmerge_kernels.sources import open_adapter
+    from robustmerge_kernels.adapter_io.sources import open_adapter
 
     srcs = [open_adapter(m, i) for i, m in enumerate([*models, other])]
     plan = build_plan(srcs)
@@ -207,7 +207,7 @@ def test_killed_during_write_leaves_no_complete_looking_folder(adapter_dirs, tmp
     out = tmp_path / "merged"
     script = textwrap.dedent(f"""
         import time, sys
-        import robustmerge_kernels.writer as w
+        import robustmerge_kernels.adapter_io.writer as w
         real = w._write_json
         def slow(path, data):  # a slow disk: stall after the weights, writing the config
             real(path, data)
@@ -241,7 +241,7 @@ def test_sharded_output_with_index_reads_back_as_input(adapter_dirs, tmp_path):
     index = json.loads((out / "adapter_model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(merged) and set(index["weight_map"].values()) == set(shards)
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in merged.values())
-    from robustmerge_kernels.sources import open_adapter
+    from robustmerge_kernels.adapter_io.sources import open_adapter
 
     source = open_adapter(str(out), 0)
     try:

@@ -15,10 +15,10 @@ from peft.tuners.lora import LoraLayer
 import robustmerge_kernels as rk
 from robustmerge_kernels.cli import main
 from robustmerge_kernels.errors import AdapterError
-from robustmerge_kernels.keys import canonical_name
+from robustmerge_kernels.adapter_io.keys import canonical_name
 from robustmerge_kernels.methods import dare, merge_module, MethodOptions
 from robustmerge_kernels.methods.select import keep_masks, thresholds
-from robustmerge_kernels.toy import train_adapter
+from robustmerge_kernels.demo.toy import train_adapter
 
 WEIGHTS = [0.7, -0.4, 1.3, 0.5]
 

@@ -322,7 +322,7 @@ def trained():
     pytest.importorskip("transformers")
     from peft import get_peft_model_state_dict
 
-    from robustmerge_kernels import toy
+    from robustmerge_kernels.demo import toy
 
     base = toy.tiny_llama()
     adapters = []

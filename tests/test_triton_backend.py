@@ -31,7 +31,7 @@ import _oracle  # noqa: E402
 import robustmerge_kernels as rk  # noqa: E402
 from robustmerge_kernels import backends  # noqa: E402
 from robustmerge_kernels.backends import BackendUnavailable, ModuleInputs, NonFiniteInput, OutputOverflow  # noqa: E402
-from robustmerge_kernels.backends import triton_backend as tb  # noqa: E402
+from robustmerge_kernels.backends.triton import backend as tb  # noqa: E402
 from robustmerge_kernels.params import RobustMergeParams  # noqa: E402
 from robustmerge_kernels.reference import robustmerge_module  # noqa: E402
 

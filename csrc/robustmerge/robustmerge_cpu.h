@@ -15,17 +15,12 @@
 #include "dtype.h"
 #include "fuse.h"
 #include "parallel.h"
+#include "plan_tables.h"
 #include "select.h"
 
 namespace robustmerge {
 
-// Item table: one row per (module, adapter), grouped by module in plan order.
-enum ItemCol : int { kItemA, kItemB, kItemADtype, kItemBDtype, kItemKA, kItemKB, kItemCols };
-// Module table: one row per module; its items are [first, first + members).
-enum ModuleCol : int {
-  kModRank, kModIn, kModOut, kModFirst, kModMembers, kModOutA, kModOutB, kModOutDtype, kModClampIndex, kModCols
-};
-enum Status : int32_t { kOk = 0, kANonFinite = 1, kBNonFinite = 2 };
+// Item table, module table, Status bits: plan_tables.h.
 
 struct MergeTables {
   const int64_t* items = nullptr;  // [n_items, kItemCols]

@@ -5,9 +5,10 @@ picks the highest-priority available backend for the tensors' device; the enviro
 variable ``ROBUSTMERGE_BACKEND`` overrides ``auto`` (e.g. to force ``reference`` while
 debugging a kernel). An explicitly named backend that cannot run raises with its reason.
 
-A backend implements ``robustmerge(group, params) -> list[(A*, B*)]`` where ``group`` is a
-list of :class:`ModuleInputs` (a batch of modules whose tensors are loaded), so compiled
-backends can process the whole batch in one fused launch.
+What a backend is (the Protocol, its inputs and errors) lives in :mod:`.base`; the plan
+tables the compiled backends read, in :mod:`.tables`. To add a backend: implement
+``robustmerge(group, params)`` (usually by subclassing ``base.KernelBackend``) and call
+:func:`register_backend` with a factory that raises ``BackendUnavailable`` where it cannot run.
 """
 
 from __future__ import annotations
@@ -15,55 +16,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
-
-import torch
 
 from ..errors import AdapterError
-from ..params import RobustMergeParams
-from ..plan import ModulePlan
+from .base import Backend, BackendUnavailable, ModuleInputs, NonFiniteInput, OutputOverflow
+
+__all__ = [
+    "ENV_VAR", "Backend", "BackendUnavailable", "ModuleInputs", "NonFiniteInput", "OutputOverflow",
+    "available_backends", "get_backend", "register_backend", "registered_backends",
+]  # fmt: skip
 
 ENV_VAR = "ROBUSTMERGE_BACKEND"
-
-
-@dataclass
-class ModuleInputs:
-    """One module's loaded inputs: ``a[i]``/``b[i]`` belong to ``plan.members[i]``."""
-
-    plan: ModulePlan
-    a: list[torch.Tensor]
-    b: list[torch.Tensor]
-
-
-class Backend(Protocol):
-    name: str
-    checks_finite: bool  # True: the backend reports inf/NaN inputs (NonFiniteInput) and outputs (OutputOverflow)
-
-    def robustmerge(
-        self, group: list[ModuleInputs], params: RobustMergeParams
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
-
-
-class BackendUnavailable(RuntimeError):
-    """Raised by a factory when its backend cannot run here (no compiler, no GPU, ...)."""
-
-
-class NonFiniteInput(Exception):
-    """Raised by a backend whose kernel found inf/NaN (``checks_finite`` backends); the API
-    turns it into an AdapterError naming the adapter and tensor."""
-
-    def __init__(self, plan: ModulePlan, member: int, factor: str):
-        super().__init__(f"{plan.name}: member {member} lora_{factor} is not finite")
-        self.plan, self.member, self.factor = plan, member, factor
-
-
-class OutputOverflow(Exception):
-    """Raised by a ``checks_finite`` backend whose merged ``factor`` ("A"/"B") of ``plan``
-    does not fit its output dtype (finite inputs, inf after the merge)."""
-
-    def __init__(self, plan: ModulePlan, factor: str):
-        super().__init__(f"{plan.name}: merged lora_{factor} overflows {plan.out_dtype}")
-        self.plan, self.factor = plan, factor
 
 
 @dataclass(frozen=True)
@@ -138,7 +100,7 @@ def _cpu_factory() -> Backend:
 
 def _triton_factory() -> Backend:
     try:
-        from .triton_backend import TritonBackend
+        from .triton.backend import TritonBackend
     except ImportError as exc:
         raise BackendUnavailable(f"triton backend not importable ({exc})") from exc
     return TritonBackend()  # raises BackendUnavailable itself without triton or a GPU

@@ -12,11 +12,12 @@ float64 inputs are not a kernel type: such modules go to the reference implement
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
-from . import BackendUnavailable
-from .tables import ITEM_COLUMNS, MODULE_COLUMNS, KernelBackend, build_tables, raise_kernel_status, unpack_details
+from .base import BackendUnavailable, KernelBackend, load_extension
+from .tables import KERNEL_DTYPES, build_tables, key_to_value, raise_kernel_status, unpack_details
 
 ENV_THREADS = "ROBUSTMERGE_NUM_THREADS"
 
@@ -43,13 +44,15 @@ def get_num_threads() -> int:
 
 
 def _load_extension():
+    return load_extension("_cpu", "run `pip install -e .`")
+
+
+def extension_available() -> bool:
     try:
-        from .. import _cpu
-    except ImportError as exc:
-        raise BackendUnavailable(f"the C++ extension is not built ({exc}); run `pip install -e .`") from exc
-    if tuple(_cpu.ITEM_COLUMNS) != ITEM_COLUMNS or tuple(_cpu.MODULE_COLUMNS) != MODULE_COLUMNS:
-        raise BackendUnavailable("the C++ extension is stale (table columns differ); rebuild with `pip install -e .`")
-    return _cpu
+        _load_extension()
+    except BackendUnavailable:
+        return False
+    return True
 
 
 class CpuBackend(KernelBackend):
@@ -74,3 +77,25 @@ class CpuBackend(KernelBackend):
         if not details:
             return tables.outputs, None
         return tables.outputs, unpack_details(group, tau, scales)
+
+
+def thresholds(xs: Sequence[torch.Tensor], ks: Sequence[int]) -> list[torch.Tensor]:
+    """The ``ks[i]``-th smallest ``|x|`` (1-based, ``1 <= k <= numel``) of each CPU tensor of a
+    kernel dtype, as a 0-dim tensor of that dtype: exactly ``kthvalue``, by the kernel's
+    radix selection, all tensors in one threaded call. For the baseline methods' top-k masks.
+    Raises ValueError naming the position of a tensor that holds inf/NaN."""
+    ext = _load_extension()
+    keep = [x.detach().contiguous() for x in xs]  # the table holds addresses: keep them alive
+    for i, (x, k) in enumerate(zip(keep, ks)):
+        if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES:
+            raise ValueError(f"tensor {i}: the CPU kernel reads float32/float16/bfloat16 CPU tensors, got {x.dtype} on {x.device}")
+        if not 1 <= k <= x.numel():
+            raise ValueError(f"tensor {i}: rank {k} is outside 1..{x.numel()}")
+    if not keep:
+        return []
+    table = torch.tensor([[x.data_ptr(), KERNEL_DTYPES[x.dtype], x.numel(), k] for x, k in zip(keep, ks)], dtype=torch.int64)
+    keys = torch.zeros(len(keep), dtype=torch.int32)
+    status = torch.zeros(len(keep), dtype=torch.int32)
+    if not ext.thresholds(table.data_ptr(), len(keep), get_num_threads(), keys.data_ptr(), status.data_ptr()):
+        raise ValueError(f"tensor {int(torch.nonzero(status)[0])}: contains NaN/Inf values")
+    return [key_to_value(key, x.dtype) for x, key in zip(keep, (keys.to(torch.int64) & 0xFFFFFFFF).tolist())]

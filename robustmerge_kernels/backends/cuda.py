@@ -15,20 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from . import BackendUnavailable, ModuleInputs
-from .tables import ITEM_COLUMNS, MODULE_COLUMNS, KernelBackend, build_tables, raise_kernel_status, unpack_details
+from .base import BackendUnavailable, KernelBackend, ModuleInputs, load_extension
+from .tables import build_tables, raise_kernel_status, unpack_details
 
 
 def _load_extension():
-    try:
-        from .. import _cuda
-    except ImportError as exc:
-        raise BackendUnavailable(
-            f"the CUDA extension is not built ({exc}); it is built by `pip install -e .` where nvcc is found"
-        ) from exc
-    if tuple(_cuda.ITEM_COLUMNS) != ITEM_COLUMNS or tuple(_cuda.MODULE_COLUMNS) != MODULE_COLUMNS:
-        raise BackendUnavailable("the CUDA extension is stale (table columns differ); rebuild with `pip install -e .`")
-    return _cuda
+    return load_extension("_cuda", "it is built by `pip install -e .` where nvcc is found")
 
 
 def _group_device(group: list[ModuleInputs]) -> torch.device:

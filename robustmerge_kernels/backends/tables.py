@@ -2,10 +2,14 @@
 share after a kernel call: status arrays to exceptions, thresholds and scales to details.
 
 One row per (module, adapter) item and one per module, as int64 tensors, plus the
-per-item B-scales; column order is defined once here and mirrored in
-csrc/robustmerge/robustmerge_cpu.h (ItemCol / ModuleCol). Building them validates the
-tensors against the plan, allocates the outputs on the target device and keeps every
-tensor whose address is in a table alive for as long as the tables are.
+per-item B-scales. This module is the schema: ``ITEM_COLUMNS`` / ``MODULE_COLUMNS`` name the
+columns in order. The C++ side declares the same list once
+(csrc/robustmerge/plan_tables.h, an X-macro that yields its enums and the names the
+bindings export); each compiled module's names are checked against these at load
+(base.load_extension), and the Triton kernels take their column indices from here.
+Building the tables validates the tensors against the plan, allocates the outputs on the
+target device and keeps every tensor whose address is in a table alive for as long as the
+tables are.
 """
 
 from __future__ import annotations
@@ -16,10 +20,15 @@ import torch
 
 from ..params import RobustMergeParams
 from ..reference import prune_count
-from . import ModuleInputs, NonFiniteInput, OutputOverflow
+from .base import ModuleInputs, NonFiniteInput, OutputOverflow
 
+# Per (module, adapter) item: input addresses, their dtype codes, the prune counts k.
 ITEM_COLUMNS = ("a", "b", "a_dtype", "b_dtype", "k_a", "k_b")
+# Per module: shapes, its items [first, first + members), output addresses and dtype code,
+# and the position of the clamp quantile among the sorted A-row scales.
 MODULE_COLUMNS = ("rank", "in_features", "out_features", "first", "members", "out_a", "out_b", "out_dtype", "clamp_index")
+ITEM = {name: i for i, name in enumerate(ITEM_COLUMNS)}  # column index by name
+MODULE = {name: i for i, name in enumerate(MODULE_COLUMNS)}
 KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # input types of the kernels
 OUT_DTYPES = {**KERNEL_DTYPES, torch.float64: 3}
 
@@ -104,17 +113,6 @@ def key_to_value(key: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor([key], dtype=torch.int64).to(view).view(dtype)[0]
 
 
-@dataclass
-class KernelDetails:
-    """Per (module, adapter) item, in group order: thresholds as values of the input dtype
-    and the clamped A-row scales. For tests and for comparing backends."""
-
-    outputs: list[tuple[torch.Tensor, torch.Tensor]]
-    tau_a: list[torch.Tensor]
-    tau_b: list[torch.Tensor]
-    scales: list[torch.Tensor]
-
-
 def raise_kernel_status(group, tables, ok, status: torch.Tensor, module_status: torch.Tensor) -> None:
     """Turn a kernel's status arrays into NonFiniteInput / OutputOverflow."""
     if not ok:
@@ -140,38 +138,3 @@ def unpack_details(group, tau: torch.Tensor, scales: torch.Tensor):
             offset += g.plan.rank
             item += 1
     return tau_a, tau_b, out_scales
-
-
-class KernelBackend:
-    """What the compiled backends share: kernel-supported modules go to ``_run_kernel``
-    (one call for the whole group), float64 ones to the exact reference."""
-
-    name = "kernel"
-    checks_finite = True  # kernels report inf/NaN inputs and overflowing outputs
-
-    def robustmerge(self, group: list[ModuleInputs], params: RobustMergeParams) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return self.run(group, params).outputs
-
-    def run(self, group: list[ModuleInputs], params: RobustMergeParams, details: bool = False) -> KernelDetails:
-        """Merge a group; with ``details`` also return the kernel's thresholds and scales."""
-        from ..reference import robustmerge_module
-
-        result = KernelDetails([None] * len(group), [], [], [])
-        kernel = []
-        for pos, g in enumerate(group):
-            if kernel_supported(g):
-                kernel.append(pos)
-            else:  # float64 input: the exact reference path
-                res = robustmerge_module(g.a, g.b, params, g.plan.b_scale, g.plan.out_dtype)
-                result.outputs[pos] = (res.a, res.b)
-        if kernel:
-            outputs, kernel_details = self._run_kernel([group[pos] for pos in kernel], params, details)
-            for pos, out in zip(kernel, outputs):
-                result.outputs[pos] = out
-            if details:
-                result.tau_a, result.tau_b, result.scales = kernel_details
-        return result
-
-    def _run_kernel(self, group: list[ModuleInputs], params: RobustMergeParams, details: bool):
-        """-> (outputs per module, (tau_a, tau_b, scales) per item or None)."""
-        raise NotImplementedError

@@ -22,12 +22,18 @@ from typing import Any
 
 import torch
 
-from ..keys import parse_factor
-from ..sources import NON_LORA_NAME, open_adapter
+from ..adapter_io.keys import (
+    HF_LM_PREFIXES, HF_PROJECTOR, ORIGINAL_LM_PREFIX, ORIGINAL_PROJECTOR, PEFT_PREFIX, PROJECTOR_LAYERS, parse_factor,
+)  # fmt: skip
+from ..adapter_io.names import NON_LORA_NAME
+from ..adapter_io.sources import open_adapter
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "auto": "auto"}
-_PROJECTOR = re.compile(r"^(?:base_model\.model\.)?model\.mm_projector\.(\d+)\.(weight|bias)$")
-_ORIG_LM = re.compile(r"^(base_model\.model\.)model\.(?!language_model\.|vision_tower\.|multi_modal_projector\.)(.*)$")
+_PROJECTOR = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?{re.escape(ORIGINAL_PROJECTOR)}(\d+)\.(weight|bias)$")
+# Original-layout language-model keys: "model." not followed by an HF sub-module name.
+_HF_SUBMODULES = "|".join(re.escape(p.removeprefix("model.")) for p in (*HF_LM_PREFIXES, HF_PROJECTOR, "vision_tower."))
+_ORIG_LM = re.compile(rf"^({re.escape(PEFT_PREFIX)}){re.escape(ORIGINAL_LM_PREFIX)}(?!{_HF_SUBMODULES})(.*)$")
+_PROJECTOR_HF_NAME = {orig: hf for hf, orig in PROJECTOR_LAYERS.items()}  # "0" -> "linear_1"
 
 
 def load_base(base: str, dtype: str = "auto", device: str = "cpu"):
@@ -71,7 +77,7 @@ def convert_original_state_dict(
     for key, value in state.items():
         m = _PROJECTOR.match(key)
         if m:
-            index = {"0": "linear_1", "2": "linear_2"}.get(m.group(1))
+            index = _PROJECTOR_HF_NAME.get(m.group(1))
             if index is None:
                 raise ValueError(f"unexpected mm_projector layer in {key!r} (LLaVA-v1.5's is Linear-GELU-Linear)")
             projector[f"{index}.{m.group(2)}"] = value

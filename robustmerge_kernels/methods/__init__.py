@@ -34,9 +34,9 @@ import torch
 
 from ..errors import AdapterError
 from ..finite import all_finite
-from ..keys import canonical_name
+from ..adapter_io.keys import PEFT_PREFIX, canonical_name
 from ..plan import MergePlan, ModulePlan
-from ..scaling import ScalingRule
+from ..adapter_io.scaling import ScalingRule
 from . import combine, dare, lowrank, pcb, select
 from .combine import disjoint_merge, task_arithmetic
 from .lowrank import cat, lowrank_svd, truncate
@@ -195,7 +195,7 @@ def output_config(plan: MergePlan, ranks: dict[str, int]) -> dict[str, Any] | No
     patterns = {}
     for module, rank in ranks.items():
         if rank != r:
-            patterns[re.escape(module.removeprefix("base_model.model."))] = rank
+            patterns[re.escape(module.removeprefix(PEFT_PREFIX))] = rank
     config.update(r=r, lora_alpha=r, use_rslora=False, rank_pattern=patterns, alpha_pattern=dict(patterns))
     return config
 

@@ -1,9 +1,9 @@
 """Exact magnitude top-k masks for the baseline methods, on the CPU kernel's selection.
 
 ``keep_masks(xs, keep)`` keeps, per matrix, every entry with ``|x| >= tau`` where ``tau``
-is the ``keep``-th largest magnitude: exactly the radix selection of
-csrc/robustmerge/select.h (``_cpu.thresholds``), or ``torch.kthvalue`` where the extension
-is missing or the dtype is float64 (both give the same ``tau``, bit for bit).
+is the ``keep``-th largest magnitude: exactly the radix selection of the CPU backend
+(``backends.cpu.thresholds``), or ``torch.kthvalue`` where the extension is missing, the
+tensor is on a GPU or the dtype is float64 (both give the same ``tau``, bit for bit).
 
 Difference from PEFT: ``magnitude_based_pruning`` keeps exactly ``k`` entries with
 ``torch.topk`` (which of several equal magnitudes survive is arbitrary); an exact
@@ -16,16 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..backends.tables import KERNEL_DTYPES, key_to_value
+from ..backends import cpu as cpu_backend
+from ..backends.tables import KERNEL_DTYPES
 from ..errors import AdapterError
-
-
-def _extension():
-    try:
-        from .. import _cpu
-    except ImportError:
-        return None
-    return _cpu if hasattr(_cpu, "thresholds") else None
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -35,23 +28,18 @@ def keep_count(numel: int, density: float) -> int:
 
 def thresholds(xs: Sequence[torch.Tensor], ks: Sequence[int], use_kernel: bool = True) -> list[torch.Tensor]:
     """Per matrix, the ``ks[i]``-th smallest ``|x|`` (1-based) as a 0-dim tensor of x's dtype."""
-    ext = _extension() if use_kernel else None
+    use_kernel = use_kernel and cpu_backend.extension_available()
     out: list[torch.Tensor | None] = [None] * len(xs)
-    kernel = [i for i, x in enumerate(xs) if ext is not None and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES]
+    kernel = [
+        i for i, x in enumerate(xs) if use_kernel and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and ks[i] >= 1
+    ]
     if kernel:
-        from ..backends.cpu import get_num_threads
-
-        keep = [xs[i].contiguous() for i in kernel]
-        table = torch.tensor(
-            [[x.data_ptr(), KERNEL_DTYPES[x.dtype], x.numel(), ks[i]] for i, x in zip(kernel, keep)], dtype=torch.int64
-        )
-        keys = torch.zeros(len(kernel), dtype=torch.int32)
-        status = torch.zeros(len(kernel), dtype=torch.int32)
-        ok = ext.thresholds(table.data_ptr(), len(kernel), get_num_threads(), keys.data_ptr(), status.data_ptr())
-        if not ok:
-            raise AdapterError("contains NaN/Inf values; refusing to merge non-finite weights")
-        for i, x, key in zip(kernel, keep, (keys.to(torch.int64) & 0xFFFFFFFF).tolist()):
-            out[i] = key_to_value(key, x.dtype).to(x.device)
+        try:
+            taus = cpu_backend.thresholds([xs[i] for i in kernel], [ks[i] for i in kernel])
+        except ValueError as exc:
+            raise AdapterError(f"contains NaN/Inf values; refusing to merge non-finite weights ({exc})") from exc
+        for i, tau in zip(kernel, taus):
+            out[i] = tau
     for i, x in enumerate(xs):
         if out[i] is None:
             flat = x.detach().abs().reshape(-1)

@@ -1,6 +1,6 @@
 """Helpers shared by the Triton kernels: table columns, dtype codes, loads and stores.
 
-Inputs arrive as int64 addresses in the plan tables (robustmerge_kernels/backends/tables.py);
+Inputs arrive as int64 addresses in the plan tables (backends/tables.py, the schema);
 a kernel turns an address into a typed pointer with ``addr.to(tl.pointer_type(...))``.
 Every value is read as raw bits: the magnitude key is the bits with the sign cleared
 (``& 0x7fffffff`` for float32, ``& 0x7fff`` for 16-bit types), so thresholds and masks
@@ -12,26 +12,29 @@ branch (the compiler requires it), hence the per-branch pointer names.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-# Column indices of backends/tables.py ITEM_COLUMNS / MODULE_COLUMNS (checked by the backend).
-ITEM_A: tl.constexpr = tl.constexpr(0)
-ITEM_B: tl.constexpr = tl.constexpr(1)
-ITEM_A_DTYPE: tl.constexpr = tl.constexpr(2)
-ITEM_B_DTYPE: tl.constexpr = tl.constexpr(3)
-ITEM_COLS: tl.constexpr = tl.constexpr(6)
+from ..tables import ITEM, ITEM_COLUMNS, MODULE, MODULE_COLUMNS, OUT_DTYPES
 
-MOD_RANK: tl.constexpr = tl.constexpr(0)
-MOD_IN: tl.constexpr = tl.constexpr(1)
-MOD_OUT: tl.constexpr = tl.constexpr(2)
-MOD_FIRST: tl.constexpr = tl.constexpr(3)
-MOD_MEMBERS: tl.constexpr = tl.constexpr(4)
-MOD_OUT_A: tl.constexpr = tl.constexpr(5)
-MOD_OUT_B: tl.constexpr = tl.constexpr(6)
-MOD_OUT_DTYPE: tl.constexpr = tl.constexpr(7)
-MOD_CLAMP_INDEX: tl.constexpr = tl.constexpr(8)
-MOD_COLS: tl.constexpr = tl.constexpr(9)
+# Column indices, taken from the schema in backends/tables.py (never written twice).
+ITEM_A: tl.constexpr = tl.constexpr(ITEM["a"])
+ITEM_B: tl.constexpr = tl.constexpr(ITEM["b"])
+ITEM_A_DTYPE: tl.constexpr = tl.constexpr(ITEM["a_dtype"])
+ITEM_B_DTYPE: tl.constexpr = tl.constexpr(ITEM["b_dtype"])
+ITEM_COLS: tl.constexpr = tl.constexpr(len(ITEM_COLUMNS))
+
+MOD_RANK: tl.constexpr = tl.constexpr(MODULE["rank"])
+MOD_IN: tl.constexpr = tl.constexpr(MODULE["in_features"])
+MOD_OUT: tl.constexpr = tl.constexpr(MODULE["out_features"])
+MOD_FIRST: tl.constexpr = tl.constexpr(MODULE["first"])
+MOD_MEMBERS: tl.constexpr = tl.constexpr(MODULE["members"])
+MOD_OUT_A: tl.constexpr = tl.constexpr(MODULE["out_a"])
+MOD_OUT_B: tl.constexpr = tl.constexpr(MODULE["out_b"])
+MOD_OUT_DTYPE: tl.constexpr = tl.constexpr(MODULE["out_dtype"])
+MOD_CLAMP_INDEX: tl.constexpr = tl.constexpr(MODULE["clamp_index"])
+MOD_COLS: tl.constexpr = tl.constexpr(len(MODULE_COLUMNS))
 
 # Per-matrix selection state (int32 [2 * n_items, STATE_COLS]); matrix 2*i is A of item i,
 # 2*i + 1 its B.
@@ -41,11 +44,11 @@ ST_ACTIVE: tl.constexpr = tl.constexpr(2)  # 1 while digits remain to be found
 ST_NUMEL: tl.constexpr = tl.constexpr(3)
 STATE_COLS: tl.constexpr = tl.constexpr(4)
 
-# Dtype codes (tables.KERNEL_DTYPES / OUT_DTYPES).
-F32: tl.constexpr = tl.constexpr(0)
-F16: tl.constexpr = tl.constexpr(1)
-BF16: tl.constexpr = tl.constexpr(2)
-F64: tl.constexpr = tl.constexpr(3)
+# Dtype codes (tables.OUT_DTYPES).
+F32: tl.constexpr = tl.constexpr(OUT_DTYPES[torch.float32])
+F16: tl.constexpr = tl.constexpr(OUT_DTYPES[torch.float16])
+BF16: tl.constexpr = tl.constexpr(OUT_DTYPES[torch.bfloat16])
+F64: tl.constexpr = tl.constexpr(OUT_DTYPES[torch.float64])
 
 BINS: tl.constexpr = tl.constexpr(2048)  # 11-bit digits
 

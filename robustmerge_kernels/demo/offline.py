@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from . import merge
+from .. import merge
 from .toy import task_loss, tiny_llama, train_adapter
 
 

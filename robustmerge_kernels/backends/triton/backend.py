@@ -1,6 +1,6 @@
 """The Triton backend: the merge plan as pointer tables, one launch per phase per group.
 
-Phases (kernels in robustmerge_kernels/triton_kernels/), each covering every
+Phases (kernels in this package: select.py, scales.py, fuse.py), each covering every
 (module, adapter) pair of the group in one launch:
 
   1. thresholds: histogram radix select on the magnitude keys, 2 passes (16-bit) or
@@ -22,8 +22,8 @@ import os
 
 import torch
 
-from . import BackendUnavailable, ModuleInputs
-from .tables import ITEM_COLUMNS, MODULE_COLUMNS, KernelBackend, build_tables, raise_kernel_status, unpack_details
+from ..base import BackendUnavailable, KernelBackend, ModuleInputs
+from ..tables import ITEM, KERNEL_DTYPES, MODULE, build_tables, raise_kernel_status, unpack_details
 
 try:
     import triton
@@ -38,7 +38,7 @@ ROW_BLOCK = 1024  # columns of A per row-sum step
 FUSE_BLOCK = 1024  # output elements per fusion step
 MAX_PROGRAMS_PER_MATRIX = 32  # grid-stride programs per matrix (selection) / per module (fusion)
 KEYS_PER_PROGRAM = 8 * HIST_BLOCK  # selection: each program sums its histogram over >= this many keys
-STATE_COLS = 4  # triton_kernels.common: prefix, rank, active, numel
+STATE_COLS = 4  # common.py: prefix, rank, active, numel
 # Multiply, then add (no FMA contraction), as the C++ kernels and the reference do; explicit
 # because Triton's default changes in 3.10.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
@@ -46,14 +46,6 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 def interpreter_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _check_columns() -> None:
-    expected_items = ("a", "b", "a_dtype", "b_dtype", "k_a", "k_b")
-    expected_modules = ("rank", "in_features", "out_features", "first", "members", "out_a", "out_b", "out_dtype",
-                        "clamp_index")  # fmt: skip
-    if ITEM_COLUMNS != expected_items or MODULE_COLUMNS != expected_modules:
-        raise BackendUnavailable("plan table columns changed; update robustmerge_kernels/triton_kernels/common.py")
 
 
 class TritonBackend(KernelBackend):
@@ -66,10 +58,9 @@ class TritonBackend(KernelBackend):
         self.interpret = interpreter_mode()
         if not self.interpret and not torch.cuda.is_available():
             raise BackendUnavailable("no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)")
-        _check_columns()
-        from .. import triton_kernels
+        from . import kernels
 
-        self._k = triton_kernels
+        self._k = kernels
 
     def _device(self, group: list[ModuleInputs]) -> torch.device:
         device = group[0].a[0].device
@@ -86,23 +77,24 @@ class TritonBackend(KernelBackend):
         tables = build_tables(group, params, device)
         W, M = tables.n_items, len(group)
         items_h, modules_h = tables.items, tables.modules
-        ranks = modules_h[:, 0]
+        ranks = modules_h[:, MODULE["rank"]]
         members = torch.tensor(tables.members, dtype=torch.int64)
         item_rank = torch.repeat_interleave(ranks, members)  # [W]
         item_module = torch.repeat_interleave(torch.arange(M, dtype=torch.int32), members)
         scale_offset = torch.zeros(W + 1, dtype=torch.int64)
         torch.cumsum(item_rank, 0, out=scale_offset[1:])
         numel = torch.stack(
-            [item_rank * modules_h[item_module.long(), 1], modules_h[item_module.long(), 2] * item_rank], 1
+            [item_rank * modules_h[item_module.long(), MODULE["in_features"]], modules_h[item_module.long(), MODULE["out_features"]] * item_rank],
+            1,
         )
-        ks = items_h[:, 4:6]
+        ks = items_h[:, [ITEM["k_a"], ITEM["k_b"]]]
         if int(numel.max()) >= 2**31:
             raise ValueError("the triton kernels index matrices of fewer than 2**31 values")
         state = torch.zeros((2 * W, STATE_COLS), dtype=torch.int32)
         state[:, 1] = ks.reshape(-1).to(torch.int32)  # rank of tau: k
         state[:, 2] = (ks.reshape(-1) >= 1).to(torch.int32)  # k < 1: keep all, tau = 0
         state[:, 3] = numel.reshape(-1).to(torch.int32)
-        wide = bool((items_h[:, 2:4] == 0).any())  # some float32 matrix: a third digit
+        wide = bool((items_h[:, [ITEM["a_dtype"], ITEM["b_dtype"]]] == KERNEL_DTYPES[torch.float32]).any())  # a third digit
         passes = 3 if wide else 2
         n_scales = int(scale_offset[-1])
         rank_block = triton.next_power_of_2(int(ranks.max()))
@@ -132,7 +124,7 @@ class TritonBackend(KernelBackend):
         k.weights_kernel[(M,)](
             modules, scale_offset_d, raw_scales, scales, weights, RANK_BLOCK=rank_block, **LAUNCH_OPTIONS
         )
-        max_out = int((ranks * torch.maximum(modules_h[:, 1], modules_h[:, 2])).max())
+        max_out = int((ranks * torch.maximum(modules_h[:, MODULE["in_features"]], modules_h[:, MODULE["out_features"]])).max())
         per_module = max(1, min(MAX_PROGRAMS_PER_MATRIX * 4, triton.cdiv(max_out, FUSE_BLOCK)))
         k.fuse_kernel[(M, per_module)](
             items,

@@ -12,9 +12,8 @@ import math
 import re
 from typing import Any
 
-from .errors import AdapterError
-
-_MODEL_PREFIX = "base_model.model."
+from ..errors import AdapterError
+from .keys import PEFT_PREFIX
 
 # Config switches that change what a LoRA layer computes beyond B @ A * scaling.
 _REFUSED_FLAGS = {
@@ -48,7 +47,7 @@ def check_config(config: dict[str, Any], label: str) -> None:
 
 def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float, float]:
     """(r, lora_alpha, scaling) that PEFT uses for ``module`` (a saved-key module path)."""
-    name = module[len(_MODEL_PREFIX) :] if module.startswith(_MODEL_PREFIX) else module
+    name = module.removeprefix(PEFT_PREFIX)
     r = _pattern_value(config.get("rank_pattern"), name, config["r"])
     alpha = _pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r

@@ -2,13 +2,13 @@
 
 Whatever the user hands to ``merge()`` (a PEFT folder, a state dict, a
 ``(state_dict, config)`` pair, a live ``PeftModel``) becomes an :class:`AdapterSource`.
-Safetensors files are memory-mapped and read one tensor at a time, so planning a merge
-touches only headers and merging holds one module's inputs at a time.
+Safetensors files are read one tensor at a time with positional reads
+(:mod:`.safetensors_io`), so planning a merge touches only headers and merging holds one
+group of modules' inputs at a time.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 from collections.abc import Mapping
@@ -17,13 +17,9 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterError
-
-CONFIG_NAME = "adapter_config.json"
-NON_LORA_NAME = "non_lora_trainables.bin"  # original LLaVA checkpoints: the mm_projector
-SAFETENSORS_NAME = "adapter_model.safetensors"
-INDEX_NAME = "adapter_model.safetensors.index.json"  # sharded weights (Hugging Face convention)
-BIN_NAME = "adapter_model.bin"
+from ..errors import AdapterError
+from .names import BIN_NAME, CONFIG_NAME, INDEX_NAME, NON_LORA_NAME, SAFETENSORS_NAME
+from .safetensors_io import SafetensorsFile
 
 
 @dataclass
@@ -79,86 +75,6 @@ def _read_config(folder: str, label: str) -> dict[str, Any]:
     return config
 
 
-# safetensors dtype names this library merges (others are refused when planned).
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_ST_OTHER = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_MAX_HEADER = 100 << 20
-
-
-class SafetensorsFile:
-    """A safetensors file read tensor by tensor with positional reads into fresh buffers.
-
-    Reading with preadv instead of memory-mapping keeps the file's pages out of the
-    process: peak memory is what the merge holds, not the size of the inputs. The header
-    is validated up front (offsets inside the file, sizes matching dtype and shape, no
-    duplicate keys), so a truncated or corrupt file is refused before any merging.
-    """
-
-    def __init__(self, path: str, label: str):
-        self.path, self.label = path, label
-        self._fd = os.open(path, os.O_RDONLY)
-        try:
-            self._parse_header()
-        except BaseException:
-            self.close()
-            raise
-
-    def _fail(self, reason: str, key: str | None = None):
-        raise AdapterError(f"corrupt safetensors file {self.path!r}: {reason}", self.label, key)
-
-    def _parse_header(self) -> None:
-        size = os.fstat(self._fd).st_size
-        head = os.pread(self._fd, 8, 0)
-        if len(head) < 8:
-            self._fail("shorter than its 8-byte header length")
-        n = int.from_bytes(head, "little")
-        if n > min(_MAX_HEADER, size - 8):
-            self._fail(f"header length {n} exceeds the file ({size} bytes)")
-        try:
-            header = json.loads(os.pread(self._fd, n, 8), object_pairs_hook=_no_duplicates)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._fail(f"header is not valid JSON ({exc})")
-        if not isinstance(header, dict):
-            self._fail("header is not a JSON object")
-        self._data = 8 + n
-        self.shapes, self.dtypes, self._spans = {}, {}, {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            try:
-                name, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                self._fail("malformed tensor entry", key)
-            if name not in ST_DTYPES:
-                if name not in _ST_OTHER:
-                    self._fail(f"unknown dtype {name!r}", key)
-                raise AdapterError(f"dtype {name} is not a floating-point type this library merges", self.label, key)
-            numel = 1
-            for d in shape:
-                if d < 0:
-                    self._fail(f"negative dimension in shape {list(shape)}", key)
-                numel *= d
-            if not (0 <= start <= end <= size - self._data) or end - start != numel * ST_DTYPES[name].itemsize:
-                self._fail(f"data offsets [{start}, {end}) do not fit the file or the shape {list(shape)}", key)
-            self.shapes[key], self.dtypes[key], self._spans[key] = shape, ST_DTYPES[name], start
-
-    def read(self, key: str) -> torch.Tensor:
-        out = torch.empty(self.shapes[key], dtype=self.dtypes[key])
-        view = byte_view(out)
-        got, offset = 0, self._data + self._spans[key]
-        while got < len(view):  # preadv may return short counts
-            n = os.preadv(self._fd, [view[got:]], offset + got)
-            if n <= 0:
-                self._fail("file ended inside the tensor's data", key)
-            got += n
-        return out
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 def _open_sharded(folder: str, index_path: str, label: str) -> AdapterSource:
     """Sharded weights: the index maps each key to its shard; every key must be there."""
     try:
@@ -191,23 +107,6 @@ def _open_sharded(folder: str, index_path: str, label: str) -> AdapterSource:
     source = AdapterSource(label, None, shapes, dtypes, lambda key: where[key].read(key), path=index_path, closer=close)
     source.shard_paths = [os.path.join(folder, name) for name in shards]
     return source
-
-
-def byte_view(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, writable in place (for positional reads/writes).
-    The view does not own the memory: the caller keeps ``t`` alive while using it."""
-    nbytes = t.numel() * t.element_size()
-    if not nbytes:
-        return memoryview(bytearray())
-    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
-
-
-def _no_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    if len(keys) != len(set(keys)):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"duplicate key {dup!r}")
-    return dict(pairs)
 
 
 def _open_safetensors(path: str, label: str) -> AdapterSource:

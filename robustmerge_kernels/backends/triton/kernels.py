@@ -1,4 +1,4 @@
-"""Triton kernels of the ``triton`` backend (robustmerge_kernels/backends/triton_backend.py).
+"""The Triton kernels of the ``triton`` backend (backend.py), imported together.
 
 Importing this package imports triton; set ``TRITON_INTERPRET=1`` before the first triton
 import to run the kernels on the CPU (slow; for tests on small shapes).

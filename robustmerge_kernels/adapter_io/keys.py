@@ -62,22 +62,32 @@ def unsupported_lora_part(key: str) -> str | None:
     return m.group(1) if m else None
 
 
+# PEFT saves every key of a model's adapter under this prefix.
+PEFT_PREFIX = "base_model.model."
+
 # LLaVA checkpoints name the same weights differently: the original LLaVA code, and
 # Hugging Face's LlavaForConditionalGeneration before and after transformers moved the
-# language model under model.language_model. Adapters are paired by a canonical name
-# (the original layout), so adapters saved from either code base merge together.
-_PEFT_PREFIX = "base_model.model."
-_LAYOUT_REWRITES = (  # applied at the start of the name below PEFT's prefix
-    (re.compile(r"^model\.language_model\."), "model."),  # HF, transformers >= 4.52
-    (re.compile(r"^language_model\.model\."), "model."),  # HF, older transformers
-    (re.compile(r"^(?:model\.)?multi_modal_projector\.linear_1\."), "model.mm_projector.0."),
-    (re.compile(r"^(?:model\.)?multi_modal_projector\.linear_2\."), "model.mm_projector.2."),
+# language model under model.language_model. This is the one table of those layouts;
+# adapters are paired by a canonical name (the original layout), so adapters saved from
+# either code base merge together, and eval/model.py converts with the same table.
+ORIGINAL_LM_PREFIX = "model."  # original LLaVA: decoder layers at model.layers
+HF_LM_PREFIXES = ("model.language_model.", "language_model.model.")  # transformers >= 4.52, older
+ORIGINAL_PROJECTOR = "model.mm_projector."  # original LLaVA: mm_projector.0 / .2 (Linear-GELU-Linear)
+HF_PROJECTOR = "multi_modal_projector."
+PROJECTOR_LAYERS = {"linear_1": "0", "linear_2": "2"}  # HF layer name -> original index
+
+_LAYOUT_REWRITES = tuple(  # applied at the start of the name below PEFT's prefix
+    [(re.compile(f"^{re.escape(p)}"), ORIGINAL_LM_PREFIX) for p in HF_LM_PREFIXES]
+    + [
+        (re.compile(rf"^(?:model\.)?{re.escape(HF_PROJECTOR + hf)}\."), f"{ORIGINAL_PROJECTOR}{orig}.")
+        for hf, orig in PROJECTOR_LAYERS.items()
+    ]
 )
 
 
 def canonical_name(name: str) -> str:
     """The original-LLaVA spelling of a module or tensor name (other names unchanged)."""
-    prefix = _PEFT_PREFIX if name.startswith(_PEFT_PREFIX) else ""
+    prefix = PEFT_PREFIX if name.startswith(PEFT_PREFIX) else ""
     rest = name[len(prefix) :] + "."
     for pattern, repl in _LAYOUT_REWRITES:
         rest = pattern.sub(repl, rest, count=1)

@@ -17,14 +17,9 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterError
-from .sources import CONFIG_NAME, INDEX_NAME, SAFETENSORS_NAME, ST_DTYPES, byte_view
-
-RECORD_NAME = "robustmerge.json"
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+from ..errors import AdapterError
+from .names import CONFIG_NAME, INDEX_NAME, RECORD_NAME, SAFETENSORS_NAME
+from .safetensors_io import SafetensorsStream
 
 
 def _shard_files(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> dict[str, str]:
@@ -32,11 +27,11 @@ def _shard_files(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -
     bytes (a tensor larger than the limit gets a shard of its own)."""
     groups, size = [[]], 0
     for key, t in tensors.items():
-        if max_shard_size is not None and groups[-1] and size + _nbytes(t) > max_shard_size:
+        if max_shard_size is not None and groups[-1] and size + t.nbytes > max_shard_size:
             groups.append([])
             size = 0
         groups[-1].append(key)
-        size += _nbytes(t)
+        size += t.nbytes
     n = len(groups)
     name = (lambda i: SAFETENSORS_NAME) if n == 1 else (lambda i: f"adapter_model-{i + 1:05d}-of-{n:05d}.safetensors")
     return {key: name(i) for i, keys in enumerate(groups) for key in keys}
@@ -78,58 +73,6 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
-class SafetensorsStream:
-    """A safetensors file written tensor by tensor as the merge produces them.
-
-    Every output's name, shape and dtype is known from the plan before merging, so the
-    header (with each tensor's offset) is written first and each tensor goes to its place
-    with a positional write as soon as it exists. close() checks every tensor arrived.
-    """
-
-    _NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}  # the reader's table, inverted
-
-    def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...], torch.dtype]]):
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        self._spans: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
-        offset = 0
-        for key, shape, dtype in entries:
-            size = dtype.itemsize
-            for d in shape:
-                size *= d
-            header[key] = {"dtype": self._NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self._spans[key] = (offset, tuple(shape), dtype)
-            offset += size
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        self._data = 8 + len(text)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self._fd, len(text).to_bytes(8, "little") + text, 0)
-        os.ftruncate(self._fd, self._data + offset)
-        self._pending = set(self._spans)
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        offset, shape, dtype = self._spans[key]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise ValueError(f"{key}: got {tuple(tensor.shape)} {tensor.dtype}, the header says {shape} {dtype}")
-        t = tensor.detach().to("cpu").contiguous()  # kept: the view does not own the memory
-        view = byte_view(t)
-        done = 0
-        while done < len(view):  # pwrite may write less than asked
-            done += os.pwrite(self._fd, view[done:], self._data + offset + done)
-        self._pending.discard(key)
-
-    def close(self) -> None:
-        if self._fd < 0:
-            return
-        try:
-            if self._pending:
-                raise RuntimeError(f"{len(self._pending)} tensors never written, e.g. {sorted(self._pending)[0]!r}")
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
-            self._fd = -1
-
-
 class StagedAdapter:
     """An adapter folder being written: a hidden temporary folder beside the destination,
     renamed into place by commit(); on any error (leaving the ``with`` block by an
@@ -157,7 +100,7 @@ class StagedAdapter:
             save_file({k: t for k, t in tensors.items() if files[k] == name}, self.path(name), metadata={"format": "pt"})
             _fsync_file(self.path(name))
         if len(set(files.values())) > 1:
-            total = sum(_nbytes(t) for t in tensors.values())
+            total = sum(t.nbytes for t in tensors.values())
             _write_json(self.path(INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": files})
 
     def write_torch(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -200,29 +143,6 @@ class StagedAdapter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
-
-
-def write_adapter(
-    out: str,
-    state_dict: dict[str, torch.Tensor],
-    config: dict[str, Any],
-    record: dict[str, Any],
-    overwrite: bool = False,
-    files: dict[str, str] | None = None,
-    max_shard_size: int | None = None,
-) -> str:
-    """Write ``adapter_model.safetensors``, ``adapter_config.json`` and the merge record.
-
-    Keys listed in ``files`` go to that file instead, saved with torch.save as the format
-    they came in (original LLaVA's non_lora_trainables.bin). With ``max_shard_size`` (bytes)
-    a larger adapter is split into ``adapter_model-0000i-of-0000N.safetensors`` files with an
-    ``adapter_model.safetensors.index.json`` (the Hugging Face convention). peft 0.21 loads
-    only single-file adapters, so sharding is opt-in."""
-    files = files or {}
-    with StagedAdapter(out, overwrite) as staged:
-        staged.write_tensors({k: v for k, v in state_dict.items() if k not in files}, max_shard_size)
-        finish_adapter(staged, state_dict, files, config, record)
-        return staged.commit()
 
 
 def finish_adapter(staged: StagedAdapter, tensors, files: dict[str, str], config, record) -> None:

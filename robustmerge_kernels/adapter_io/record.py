@@ -13,7 +13,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from ._version import __version__
+from .._version import __version__
 from .sources import AdapterSource
 
 _CHUNK = 8 << 20
