@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     params = RobustMergeParams()  # the defaults merge() uses
 
     try:
-        from robustmerge_kernels.api import DEFAULT_GROUP_BYTES
+        from robustmerge_kernels.pipeline import DEFAULT_GROUP_BYTES
     except ImportError:
         DEFAULT_GROUP_BYTES = 256 << 20
     try:

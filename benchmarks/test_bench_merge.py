@@ -12,7 +12,7 @@ import torch
 
 import robustmerge_kernels
 from robustmerge_kernels.demo import synthetic
-from robustmerge_kernels.api import require_finite
+from robustmerge_kernels.finite import require_finite
 
 
 def _copy_per_tensor(data):

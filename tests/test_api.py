@@ -187,3 +187,14 @@ def test_plan_pairs_every_module_and_counts_its_bytes(adapter_dirs):
     assert plan.bytes_in() == sum(os.path.getsize(os.path.join(d, "adapter_model.safetensors")) for d in adapter_dirs) - sum(
         _header_bytes(os.path.join(d, "adapter_model.safetensors")) for d in adapter_dirs
     )
+
+
+def test_baseline_methods_resolve_no_backend():
+    """A backend is resolved only where one is used: baselines run on torch, so naming a
+    GPU-only backend for them (or an unknown one) is not an error, and the report says so."""
+    pairs = [lora_pair(s) for s in range(2)]
+    merged = rk.merge(pairs, method="ties", backend="triton")
+    assert merged.report.backend == "methods"
+    expected = rk.merge(pairs, method="ties")
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in merged)

@@ -26,9 +26,9 @@ from ..adapter_io.keys import (
     HF_LM_PREFIXES, HF_PROJECTOR, ORIGINAL_LM_PREFIX, ORIGINAL_PROJECTOR, PEFT_PREFIX, PROJECTOR_LAYERS, parse_factor,
 )  # fmt: skip
 from ..adapter_io.names import NON_LORA_NAME
+from ..dtypes import parse_dtype
 from ..adapter_io.sources import open_adapter
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "auto": "auto"}
 _PROJECTOR = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?{re.escape(ORIGINAL_PROJECTOR)}(\d+)\.(weight|bias)$")
 # Original-layout language-model keys: "model." not followed by an HF sub-module name.
 _HF_SUBMODULES = "|".join(re.escape(p.removeprefix("model.")) for p in (*HF_LM_PREFIXES, HF_PROJECTOR, "vision_tower."))
@@ -40,7 +40,8 @@ def load_base(base: str, dtype: str = "auto", device: str = "cpu"):
     """(model, processor) from a Hugging Face LLaVA folder or hub id."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=_DTYPES[dtype])
+    torch_dtype = "auto" if dtype == "auto" else parse_dtype(dtype, "model dtype")
+    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch_dtype)
     processor = AutoProcessor.from_pretrained(base)
     processor.tokenizer.padding_side = "left"  # batched generation
     return model.to(device).eval(), processor

@@ -33,9 +33,10 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError
-from ..finite import all_finite
+from ..finite import check_output
 from ..adapter_io.keys import PEFT_PREFIX, canonical_name
 from ..plan import MergePlan, ModulePlan
+from ..reference import compute_dtype
 from ..adapter_io.scaling import ScalingRule
 from . import combine, dare, lowrank, pcb, select
 from .combine import disjoint_merge, task_arithmetic
@@ -132,10 +133,6 @@ def output_rank(method: str, m: ModulePlan, opts: MethodOptions, max_rank: int) 
     return m.rank
 
 
-def _compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
-
-
 def merge_module(
     method: str,
     a: Sequence[torch.Tensor],
@@ -150,7 +147,7 @@ def merge_module(
     """One module: ``a[t]`` [r, n], ``b[t]`` [m, r] with LoRA scaling ``scaling[t]`` and weight
     ``weights[t]``. Returns (A*, B*) in the compute dtype, for an output scaling of 1.
     ``name`` and ``members`` (adapter positions) name the tensors for DARE's hash."""
-    ct = _compute_dtype([*a, *b])
+    ct = compute_dtype(*(x.dtype for x in (*a, *b)))
     members = list(members) if members is not None else list(range(len(a)))
     ws = [float(w) * float(s) for w, s in zip(weights, scaling)]
     if method == "cat":
@@ -225,12 +222,7 @@ def merge_baseline(
             method, a, b, scaling, [weights[t] for t in m.members], opts, rank, canonical_name(m.name), m.members
         )
         for key, x in ((m.a_key, A), (m.b_key, B)):
-            x = x.to(m.out_dtype)
-            if not all_finite(x):
-                raise AdapterError(
-                    f"merged values are not finite in {m.out_dtype}; choose a wider dtype (dtype='fp32')", tensor=key
-                )
-            merged[key] = x.contiguous()
+            merged[key] = check_output(key, x.to(m.out_dtype)).contiguous()
         ranks[m.name] = rank
         if progress is not None:
             progress(1)

@@ -1,0 +1,223 @@
+"""How a merge runs once its inputs are planned: one run object per kind of method.
+
+:class:`RobustMergeRun` hands groups of modules to a backend (docs/ALGORITHM.md §3, steps
+1-4) and emits each merged tensor as it is produced, so the output can stream to disk and
+memory stays bounded by a group. :class:`BaselineRun` runs a baseline method of
+:mod:`robustmerge_kernels.methods` (§4), which may change ranks and the config, so its
+output is written after merging. Both end with the element-wise means of the non-LoRA
+tensors (§3 step 5).
+
+Every merged tensor goes through an :class:`Emitter`: to the output file (``sink``) when
+one is open, and into the returned dict when the caller keeps tensors in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from . import methods as _methods
+from .adapter_io.sources import AdapterSource
+from .backends import Backend, ModuleInputs, NonFiniteInput, OutputOverflow, get_backend
+from .errors import AdapterError
+from .finite import check_output, refuse_overflow, require_finite
+from .params import RobustMergeParams
+from .plan import MergePlan, ModulePlan
+from .reference import mean_tensors
+
+# Modules are handed to the backend in groups of about this many input bytes: large enough
+# for a fused kernel to fill the machine, small enough to bound memory by a working set.
+# Inputs read from files are copied into memory per group, so their groups are smaller.
+DEFAULT_GROUP_BYTES = 256 << 20
+FILE_GROUP_BYTES = 64 << 20
+
+Sink = Callable[[str, torch.Tensor], None]
+OutputEntry = tuple[str, tuple[int, ...], torch.dtype]
+
+
+def merge_device(sources: list[AdapterSource], plan: MergePlan) -> torch.device:
+    """Merge where the inputs are: the device of the first tensor (files load to CPU)."""
+    if sources[0].path is not None or not plan.modules:
+        return torch.device("cpu")
+    return sources[0].get(plan.modules[0].a_keys[0]).device
+
+
+def load(source: AdapterSource, key: str, device: torch.device, check_finite: bool = True) -> torch.Tensor:
+    x = source.get(key)
+    if check_finite:
+        require_finite(x, source.label, key)
+    return x.to(device)
+
+
+def module_groups(modules: list[ModulePlan], group_bytes: int) -> Iterator[list[ModulePlan]]:
+    """Consecutive modules in groups of at most ``group_bytes`` input bytes (a module larger
+    than that is a group of its own)."""
+    group, size = [], 0
+    for m in modules:
+        if group and size + m.nbytes_in > group_bytes:
+            yield group
+            group, size = [], 0
+        group.append(m)
+        size += m.nbytes_in
+    if group:
+        yield group
+
+
+class Emitter:
+    """Where each merged tensor goes: ``sink`` (the output file) as it is produced, the
+    ``target`` dict when ``keep``. Tensors for another file (``file``, e.g. the projector
+    of an original LLaVA checkpoint) always stay in ``target``, to be written at the end,
+    and are listed in ``files``."""
+
+    def __init__(self, target: dict[str, torch.Tensor], files: dict[str, str], sink: Sink | None, keep: bool):
+        self.target, self.files, self.sink, self.keep = target, files, sink, keep
+
+    def __call__(self, key: str, value: torch.Tensor, file: str | None = None) -> None:
+        if file is not None:
+            self.files[key] = file
+        elif self.sink is not None:
+            self.sink(key, value)
+        if self.keep or file is not None:
+            self.target[key] = value
+
+
+def emit_means(emit: Emitter, plan: MergePlan, sources: list[AdapterSource], device: torch.device) -> None:
+    """§3 step 5: each non-LoRA tensor, averaged over the adapters that carry it."""
+    for mean in plan.means:
+        values = [load(sources[t], key, device) for t, key in zip(mean.members, mean.keys)]
+        emit(mean.key, check_output(mean.key, mean_tensors(values, mean.out_dtype)), mean.file)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="module", desc="merging", leave=False)
+
+
+class RobustMergeRun:
+    """RobustMerge over every module group on one backend; output shapes are the inputs',
+    so every output tensor is known before merging and the output can stream."""
+
+    method = "robustmerge"
+    streams = True  # output entries are known up front (see output_entries)
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        sources: list[AdapterSource],
+        params: RobustMergeParams,
+        backend: str,
+        device: torch.device,
+        progress: bool = False,
+        group_bytes: int | None = None,
+    ):
+        self.plan, self.sources, self.params, self.device, self.progress = plan, sources, params, device, progress
+        self.impl: Backend = get_backend(backend, device.type)
+        if group_bytes is None:
+            group_bytes = FILE_GROUP_BYTES if any(s.path is not None for s in sources) else DEFAULT_GROUP_BYTES
+        self.group_bytes = group_bytes
+        self.config = plan.out_config
+
+    @property
+    def backend_name(self) -> str:
+        return self.impl.name
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return asdict(self.params)
+
+    def output_entries(self) -> list[OutputEntry]:
+        """(key, shape, dtype) of every tensor of adapter_model.safetensors, in writing order."""
+        entries: list[OutputEntry] = []
+        for m in self.plan.modules:
+            entries.append((m.a_key, (m.rank, m.in_features), m.out_dtype))
+            entries.append((m.b_key, (m.out_features, m.rank), m.out_dtype))
+        entries += [(mean.key, mean.shape, mean.out_dtype) for mean in self.plan.means if mean.file is None]
+        return entries
+
+    def parameters(self, merged: dict[str, torch.Tensor]) -> int:
+        """Elements of the merged adapter, from the plan (the tensors may be on disk only)."""
+        numel = sum(m.numel for m in self.plan.modules)
+        return numel + sum(math.prod(mean.shape) for mean in self.plan.means)
+
+    def produce(self, emit: Emitter) -> None:
+        bar = progress_bar(len(self.plan.modules), self.progress)
+        scan = not getattr(self.impl, "checks_finite", False)  # kernels that see inf/NaN themselves skip a pass
+        for group in module_groups(self.plan.modules, self.group_bytes):
+            results = self._merge_group(group, scan)
+            for m, (a, b) in zip(group, results):
+                emit(m.a_key, check_output(m.a_key, a) if scan else a)
+                emit(m.b_key, check_output(m.b_key, b) if scan else b)
+            bar.update(len(group))
+        bar.close()
+        emit_means(emit, self.plan, self.sources, self.device)
+
+    def _merge_group(self, group: list[ModulePlan], scan: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        src = self.sources
+        inputs = [
+            ModuleInputs(
+                m,
+                [load(src[t], k, self.device, scan) for t, k in zip(m.members, m.a_keys)],
+                [load(src[t], k, self.device, scan) for t, k in zip(m.members, m.b_keys)],
+            )
+            for m in group
+        ]
+        try:
+            return self.impl.robustmerge(inputs, self.params)
+        except NonFiniteInput as exc:  # name the adapter and tensor, with the full count
+            t = exc.plan.members[exc.member]
+            key = (exc.plan.a_keys if exc.factor == "A" else exc.plan.b_keys)[exc.member]
+            require_finite(src[t].get(key), src[t].label, key)
+            raise AdapterError("contains NaN/Inf values", src[t].label, key) from exc
+        except OutputOverflow as exc:
+            refuse_overflow(exc.plan.a_key if exc.factor == "A" else exc.plan.b_key, exc.plan.out_dtype)
+
+
+class BaselineRun:
+    """A baseline method over every module; it may change ranks (cat, svd) and writes its
+    own config (lora_alpha = r), so the output is written after merging."""
+
+    streams = False
+    backend_name = "methods"  # baselines run robustmerge_kernels.methods, not a backend
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        sources: list[AdapterSource],
+        method: str,
+        options: _methods.MethodOptions,
+        device: torch.device,
+        progress: bool = False,
+    ):
+        self.plan, self.sources, self.method, self.options = plan, sources, method, options
+        self.device, self.progress = device, progress
+        self.config: dict[str, Any] | None = None  # known after produce()
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return self.options.hyperparameters(self.method)
+
+    def parameters(self, merged: dict[str, torch.Tensor]) -> int:
+        return sum(v.numel() for v in merged.values())
+
+    def produce(self, emit: Emitter) -> None:
+        bar = progress_bar(len(self.plan.modules), self.progress)
+        tensors, self.config = _methods.merge_baseline(
+            self.plan, self.method, self.options, lambda t, key: load(self.sources[t], key, self.device), bar.update
+        )
+        bar.close()
+        for key, value in tensors.items():
+            emit(key, value)
+        emit_means(emit, self.plan, self.sources, self.device)
