@@ -86,7 +86,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["robustmerge_kernels", "robustmerge_kernels.*"]),
-    package_data={"robustmerge_kernels.eval": ["tasks.json"]},
+    package_data={"robustmerge_kernels": ["py.typed"], "robustmerge_kernels.eval": ["tasks.json"]},
     ext_modules=[
         CMakeExtension("robustmerge_kernels._cpu", target="_cpu"),
         CMakeExtension("robustmerge_kernels._cuda", target="_cuda", cuda=True),
