@@ -21,7 +21,7 @@ from .adapter_io.writer import StagedAdapter, check_destination, finish_adapter
 from .dtypes import parse_dtype
 from .errors import AdapterError
 from .params import RobustMergeParams
-from .pipeline import BaselineRun, Emitter, RobustMergeRun, merge_device
+from .pipeline import BaselineRun, Emitter, RobustMergeRun, Sink, merge_device
 from .plan import MergePlan, build_plan
 
 METHODS = ("robustmerge", *_methods.METHODS)  # baselines: robustmerge_kernels.methods
@@ -201,14 +201,14 @@ def merge(
     return merged
 
 
-def _produce(run: Run, sink=None, keep: bool = True) -> MergedAdapter:
+def _produce(run: Run, sink: Sink | None = None, keep: bool = True) -> MergedAdapter:
     merged = MergedAdapter()
     run.produce(Emitter(merged, merged.files, sink, keep))
     merged.config = run.config
     return merged
 
 
-def _write(run: Run, method: str, out, overwrite: bool, shard_bytes: int | None, keep: bool) -> MergedAdapter:
+def _write(run: Run, method: str, out: str | os.PathLike[str], overwrite: bool, shard_bytes: int | None, keep: bool) -> MergedAdapter:
     """Merge into a staged folder and rename it into place; the record hashes the inputs on
     a background thread meanwhile."""
     hashes = InputHashes(run.sources)

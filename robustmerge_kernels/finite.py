@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import torch
 
 from .errors import AdapterError
@@ -21,7 +23,7 @@ def require_finite(x: torch.Tensor, adapter: str, key: str) -> None:
         raise AdapterError(f"contains {bad} NaN/Inf values; refusing to merge non-finite weights", adapter, key)
 
 
-def refuse_overflow(key: str, dtype: torch.dtype):
+def refuse_overflow(key: str, dtype: torch.dtype) -> NoReturn:
     """Finite inputs whose merged values do not fit the output dtype (lam * a sum of fp16
     values can): refuse, naming the output tensor."""
     raise AdapterError(

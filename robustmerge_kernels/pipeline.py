@@ -100,7 +100,7 @@ class _NoBar:
         pass
 
 
-def progress_bar(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm

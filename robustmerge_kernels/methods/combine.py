@@ -21,6 +21,9 @@ import torch
 from . import dare
 from .select import keep_masks
 
+# The stored (unweighted) factors, when masks must be taken on them rather than on x.
+Raw = Sequence[torch.Tensor] | None
+
 
 def _w(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
@@ -71,19 +74,32 @@ def disjoint_merge(p: torch.Tensor, w: torch.Tensor, majority_sign_method: str =
     return mixed / torch.clamp(agree.sum(dim=0), min=1.0).to(p.dtype)
 
 
-def ties(x, w, density, majority_sign_method="total", raw=None) -> torch.Tensor:
+def ties(
+    x: torch.Tensor, w: torch.Tensor, density: float, majority_sign_method: str = "total", raw: Raw = None
+) -> torch.Tensor:
     return disjoint_merge(_topk(x, density, raw), w, majority_sign_method)
 
 
-def dare_linear(x, w, density, seed, names) -> torch.Tensor:
+def dare_linear(x: torch.Tensor, w: torch.Tensor, density: float, seed: int, names: Sequence[str]) -> torch.Tensor:
     return task_arithmetic(_dare(x, density, seed, names), w)
 
 
-def dare_ties(x, w, density, seed, names, majority_sign_method="total") -> torch.Tensor:
+def dare_ties(
+    x: torch.Tensor, w: torch.Tensor, density: float, seed: int, names: Sequence[str], majority_sign_method: str = "total"
+) -> torch.Tensor:
     return disjoint_merge(_dare(x, density, seed, names), w, majority_sign_method)
 
 
-def combine(method: str, x, w, density, majority_sign_method, seed, names, raw=None) -> torch.Tensor:
+def combine(
+    method: str,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    density: float,
+    majority_sign_method: str,
+    seed: int,
+    names: Sequence[str],
+    raw: Raw = None,
+) -> torch.Tensor:
     """Dispatch by PEFT base name (linear/svd -> task_arithmetic)."""
     if method in ("linear", "task_arithmetic", "svd"):
         return task_arithmetic(x, w)

@@ -14,6 +14,7 @@ impossible; tests check PEFT's formula with this mask substituted, and the drop 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 
@@ -60,7 +61,7 @@ def hash_u53(key: int, start: int, count: int, device: torch.device | str = "cpu
     return _lsr(x, 11)
 
 
-def keep_mask(shape, density: float, seed: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+def keep_mask(shape: Sequence[int], density: float, seed: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """Boolean DARE keep-mask of ``shape`` for the tensor called ``name``."""
     n = 1
     for s in shape:

@@ -23,7 +23,9 @@ from collections.abc import Sequence
 import torch
 
 
-def cat(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], coef: Sequence[float], ct: torch.dtype):
+def cat(
+    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], coef: Sequence[float], ct: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's cat: ``coef[t] = w_t * s_t`` multiplies A_t (in ``ct``)."""
     w = torch.tensor(list(coef), dtype=torch.float32).to(ct)
     A = torch.cat([x.to(ct) * w[t] for t, x in enumerate(a)], dim=0)
@@ -31,7 +33,9 @@ def cat(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], coef: Sequence[flo
     return A, B
 
 
-def lowrank_svd(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], coef: Sequence[float]):
+def lowrank_svd(
+    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], coef: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact thin SVD of ``sum_t coef[t] * b[t] @ a[t]``: returns (U [m,k], S [k], Vh [k,n]) in
     float64 with k = min(Tr, m, n)."""
     Bs = torch.cat([x.to(torch.float64) * float(c) for x, c in zip(b, coef)], dim=1)  # m x Tr
@@ -43,7 +47,7 @@ def lowrank_svd(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], coef: Sequ
     return qb @ u, s, vh @ qa.T
 
 
-def fix_signs(u: torch.Tensor, vh: torch.Tensor):
+def fix_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip each singular pair so the largest-|.| entry of u's column is positive."""
     if u.numel() == 0:
         return u, vh
@@ -53,7 +57,9 @@ def fix_signs(u: torch.Tensor, vh: torch.Tensor):
     return u * sign, vh * sign[:, None]
 
 
-def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, ct: torch.dtype, clamp: float | None):
+def truncate(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, ct: torch.dtype, clamp: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's tail of the SVD path: ``B = U[:, :r] diag(S[:r])``, ``A = Vh[:r]``, optional
     symmetric clamp at the ``clamp`` quantile of their concatenated values (in ``ct``)."""
     u, vh = fix_signs(u, vh)
