@@ -139,7 +139,7 @@ def merge(
         overwrite: replace an existing ``out``.
         progress: show a progress bar over modules.
         group_bytes: input bytes handed to the backend at once (default 256 MB in memory,
-            64 MB from files): the working set of a merge.
+            32 MB from files, two groups in flight): the working set of a merge.
         max_shard_size: bytes or ``"5GB"``: split larger weights into indexed shards (peft
             0.21 cannot load those; one file is the default).
         weights, majority_sign_method, svd_rank, svd_clamp: baseline options, named and

@@ -14,7 +14,10 @@ one is open, and into the returned dict when the caller keeps tensors in memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict
 from typing import Any
 
@@ -31,9 +34,11 @@ from .reference import mean_tensors
 
 # Modules are handed to the backend in groups of about this many input bytes: large enough
 # for a fused kernel to fill the machine, small enough to bound memory by a working set.
-# Inputs read from files are copied into memory per group, so their groups are smaller.
+# Inputs read from files are copied into memory per group, and the next group is read
+# while the current one merges (two groups in flight), so their groups are smaller.
 DEFAULT_GROUP_BYTES = 256 << 20
-FILE_GROUP_BYTES = 64 << 20
+ENV_PREFETCH = "ROBUSTMERGE_PREFETCH"
+FILE_GROUP_BYTES = 32 << 20
 
 Sink = Callable[[str, torch.Tensor], None]
 OutputEntry = tuple[str, tuple[int, ...], torch.dtype]
@@ -65,6 +70,34 @@ def module_groups(modules: list[ModulePlan], group_bytes: int) -> Iterator[list[
         size += m.nbytes_in
     if group:
         yield group
+
+
+class Prefetcher:
+    """Yield ``(item, load(item))`` for each item, loading the next item on a background
+    thread while the caller works on the current one. File reads (preadv) and the kernels
+    release the GIL, so reading group i + 1 overlaps merging group i; at most two loaded
+    items exist at once. With ``enabled=False`` it loads in the caller's thread."""
+
+    def __init__(self, load: Callable[[Any], Any], items: Sequence[Any], enabled: bool = True):
+        self._load, self._items, self._enabled = load, items, enabled
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        if not self._enabled or len(self._items) < 2:
+            for item in self._items:
+                yield item, self._load(item)
+            return
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustmerge-prefetch")
+        try:
+            pending: Future = self._pool.submit(self._load, self._items[0])
+            for i, item in enumerate(self._items):
+                loaded = pending.result()  # re-raises the loader's error here, in order
+                if i + 1 < len(self._items):
+                    pending = self._pool.submit(self._load, self._items[i + 1])
+                yield item, loaded
+        finally:
+            # Never leave a read running after the caller stops (the sources close next).
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Emitter:
@@ -156,18 +189,23 @@ class RobustMergeRun:
     def produce(self, emit: Emitter) -> None:
         bar = progress_bar(len(self.plan.modules), self.progress)
         scan = not getattr(self.impl, "checks_finite", False)  # kernels that see inf/NaN themselves skip a pass
-        for group in module_groups(self.plan.modules, self.group_bytes):
-            results = self._merge_group(group, scan)
-            for m, (a, b) in zip(group, results):
-                emit(m.a_key, check_output(m.a_key, a) if scan else a)
-                emit(m.b_key, check_output(m.b_key, b) if scan else b)
-            bar.update(len(group))
+        groups = list(module_groups(self.plan.modules, self.group_bytes))
+        # In-memory inputs cost nothing to "load"; ROBUSTMERGE_PREFETCH=0 reads in line (to measure).
+        from_files = any(s.path is not None for s in self.sources) and os.environ.get(ENV_PREFETCH, "1") != "0"
+        loaded = iter(Prefetcher(lambda g: self._load_group(g, scan), groups, enabled=from_files))
+        with closing(loaded):  # on any error, the background read ends before the sources close
+            for group, inputs in loaded:
+                results = self._merge_group(inputs)
+                for m, (a, b) in zip(group, results):
+                    emit(m.a_key, check_output(m.a_key, a) if scan else a)
+                    emit(m.b_key, check_output(m.b_key, b) if scan else b)
+                bar.update(len(group))
         bar.close()
         emit_means(emit, self.plan, self.sources, self.device)
 
-    def _merge_group(self, group: list[ModulePlan], scan: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _load_group(self, group: list[ModulePlan], scan: bool) -> list[ModuleInputs]:
         src = self.sources
-        inputs = [
+        return [
             ModuleInputs(
                 m,
                 [load(src[t], k, self.device, scan) for t, k in zip(m.members, m.a_keys)],
@@ -175,6 +213,9 @@ class RobustMergeRun:
             )
             for m in group
         ]
+
+    def _merge_group(self, inputs: list[ModuleInputs]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        src = self.sources
         try:
             return self.impl.robustmerge(inputs, self.params)
         except NonFiniteInput as exc:  # name the adapter and tensor, with the full count
