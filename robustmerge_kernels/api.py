@@ -17,6 +17,8 @@ import torch
 from . import methods as _methods
 from .adapter_io.record import InputHashes, build_record
 from .adapter_io.sources import AdapterSource, open_adapter
+from .adapter_io.names import SAFETENSORS_NAME
+from .adapter_io.safetensors_io import SafetensorsStream
 from .adapter_io.writer import StagedAdapter, check_destination, finish_adapter
 from .dtypes import parse_dtype
 from .errors import AdapterError
@@ -119,6 +121,7 @@ def merge(
     seed: int = 0,
     pcb_ratio: float = 0.1,
     keep_in_memory: bool = True,
+    distributed: bool = False,
 ) -> MergedAdapter:
     """Merge LoRA adapters into one adapter (RobustMerge by default, docs/ALGORITHM.md).
 
@@ -148,6 +151,11 @@ def merge(
         pcb_ratio: PCB's fraction of balanced entries kept.
         keep_in_memory: with ``out`` and RobustMerge, ``False`` returns no tensors (only
             ``config`` and ``report``): the output streams to disk and is never held whole.
+        distributed: merge across the ranks of the initialised torch.distributed group
+            (RobustMerge, with ``out``): each rank merges a byte-balanced share of the
+            modules on its device and writes it into the one output file
+            (:mod:`robustmerge_kernels.distributed`); every rank gets the same report and,
+            with ``keep_in_memory``, the tensors it merged.
 
     Returns:
         The merged state dict (keys as PEFT saves them) with ``.config`` (the output
@@ -173,7 +181,17 @@ def merge(
         _methods.check_options(method, params, len(adapters))
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    if out is not None:
+    ranks = None
+    if distributed:
+        from . import distributed as _dist
+
+        if method != "robustmerge" or out is None or shard_bytes:
+            raise AdapterError(
+                "distributed=True merges with method='robustmerge' into one output file: pass out= "
+                "(and no max_shard_size)"
+            )
+        ranks = _dist.current()
+    if out is not None and (ranks is None or ranks.rank == 0):
         check_destination(out, overwrite)
 
     sources: list[AdapterSource] = []
@@ -183,17 +201,22 @@ def merge(
         plan = build_plan(sources, out_dtype)
         if out is not None and plan.out_config is None:
             raise AdapterError("cannot write a PEFT folder: no adapter came with a LoRA config; pass (state_dict, config)")
-        device = merge_device(sources, plan)
+        device = merge_device(sources, plan) if ranks is None else ranks.device
         run: Run
-        if isinstance(params, RobustMergeParams):
-            run = RobustMergeRun(plan, sources, params, backend, device, progress, group_bytes)
+        if ranks is not None:
+            share = _dist.share_of(plan, ranks)
+            run = RobustMergeRun(plan, sources, params, backend, device, progress, group_bytes, (share.modules, share.means))
+            merged = _write_distributed(run, method, out, overwrite, keep_in_memory, ranks, share)
         else:
-            run = BaselineRun(plan, sources, method, params, device, progress)
-        if out is None:
-            merged = _produce(run)
-            merged.report = _report(run, method, merged)
-        else:
-            merged = _write(run, method, out, overwrite, shard_bytes, keep_in_memory)
+            if isinstance(params, RobustMergeParams):
+                run = RobustMergeRun(plan, sources, params, backend, device, progress, group_bytes)
+            else:
+                run = BaselineRun(plan, sources, method, params, device, progress)
+            if out is None:
+                merged = _produce(run)
+                merged.report = _report(run, method, merged)
+            else:
+                merged = _write(run, method, out, overwrite, shard_bytes, keep_in_memory)
     finally:
         for source in sources:
             source.close()
@@ -249,3 +272,75 @@ def _report(run: Run, method: str, merged: MergedAdapter) -> MergeReport:
         },
         averaged_tensors=len(plan.means),
     )
+
+
+def _write_distributed(
+    run: RobustMergeRun, method: str, out: str | os.PathLike[str], overwrite: bool, keep: bool, ranks, share
+) -> MergedAdapter:
+    """This rank's part of a distributed merge into one file (robustmerge_kernels.distributed):
+    rank 0 stages the folder and the pre-sized file, every rank writes its share into it and
+    fsyncs, and rank 0 commits only when no rank failed. Any failure fails every rank."""
+    from . import distributed as _dist
+
+    digests = _dist.all_gather(_dist.plan_digest(run.plan))
+    if len(set(digests)) != 1:
+        bad = next(r for r, d in enumerate(digests) if d != digests[0])
+        raise AdapterError(f"rank {bad} planned a different merge than rank 0 (do all ranks see the same input files?)")
+    hashes = _dist.ShareHashes(run.sources, share.sources)
+    staged = None
+    error = None
+    try:
+        if ranks.rank == 0:
+            try:
+                staged = StagedAdapter(out, overwrite)
+                stream = staged.stream(run.output_entries(), expect=share.keys())
+                path = staged.path(SAFETENSORS_NAME)
+            except BaseException as exc:  # every rank must learn that there is nowhere to write
+                _dist.broadcast((None, f"rank 0: {exc}"))
+                raise
+            _dist.broadcast((path, None))
+        else:
+            path, error = _dist.broadcast(None)
+            if error:
+                raise AdapterError(f"cannot stage the output ({error})")
+            stream = SafetensorsStream(path, run.output_entries(), create=False, expect=share.keys())
+        local: Exception | None = None
+        try:
+            merged = _produce(run, sink=stream.write, keep=keep)
+            stream.close()  # fsync: this rank's bytes are on disk before rank 0 commits
+        except Exception as exc:  # reported to every rank below, then re-raised here
+            local = exc
+        error = _dist.first_error(_dist.all_gather(None if local is None else f"rank {ranks.rank}: {local}"))
+        if local is not None:
+            raise local
+        if error is not None:
+            raise AdapterError(f"distributed merge failed ({error}); nothing was written")
+        merged.report = _report(run, method, merged)
+        all_hashes: dict[int, dict[str, str]] = {}
+        for part in _dist.all_gather(hashes.result()):
+            all_hashes.update(part)
+        commit_error = None
+        if ranks.rank == 0:
+            try:
+                report = {k: v for k, v in asdict(merged.report).items() if k not in ("seconds", "adapters")}
+                report["ranks"] = ranks.world
+                record = build_record(run.sources, [all_hashes[t] for t in range(len(run.sources))], report)
+                finish_adapter(staged, merged, merged.files, merged.config, record)
+                staged.commit()
+            except BaseException as exc:
+                commit_error = f"rank 0: {exc!r}"
+                raise
+            finally:
+                _dist.broadcast(commit_error)
+        else:
+            commit_error = _dist.broadcast(None)
+            if commit_error:
+                raise AdapterError(f"distributed merge failed at commit ({commit_error})")
+    except BaseException:
+        hashes.cancel()
+        if staged is not None:
+            staged.abort()
+        raise
+    if not keep:
+        merged.clear()
+    return merged

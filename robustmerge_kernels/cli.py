@@ -8,8 +8,23 @@ import sys
 from .errors import AdapterError
 
 
-def _merge(args) -> int:
-    from . import merge
+def _merge(args: argparse.Namespace) -> int:
+    from . import distributed
+
+    # Under torchrun (WORLD_SIZE > 1) every rank runs this command: they merge one output
+    # together, each writing its share of the file (robustmerge_kernels.distributed).
+    started_group = distributed.init_from_environment()
+    try:
+        return _merge_and_report(args, world=distributed.world_size())
+    finally:
+        if started_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _merge_and_report(args: argparse.Namespace, world: int) -> int:
+    from . import distributed, merge
 
     result = merge(
         args.adapters,
@@ -31,22 +46,25 @@ def _merge(args) -> int:
         svd_clamp=args.svd_clamp,
         seed=args.seed,
         pcb_ratio=args.pcb_ratio,
+        distributed=world > 1,
     )
+    if world > 1 and distributed.current().rank != 0:
+        return 0  # one summary, from rank 0
     report = result.report
-    print(f"{report.summary()} -> {args.output}")
+    print(f"{report.summary()} -> {args.output}" + (f" ({world} ranks)" if world > 1 else ""))
     for module, missing in report.partial_modules.items():
         print(f"  note: {module} merged without {', '.join(missing)} (absent there)")
     return 0
 
 
-def _demo(args) -> int:
+def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(tasks=args.tasks, steps=args.steps, out=args.output, backend=args.backend, overwrite=args.overwrite)
     return 0
 
 
-def _backends(args) -> int:
+def _backends(args: argparse.Namespace) -> int:
     from .backends import available_backends
 
     for name, state in available_backends(args.device).items():

@@ -29,7 +29,7 @@ from .backends import Backend, ModuleInputs, NonFiniteInput, OutputOverflow, get
 from .errors import AdapterError
 from .finite import check_output, refuse_overflow, require_finite
 from .params import RobustMergeParams
-from .plan import MergePlan, ModulePlan
+from .plan import MeanPlan, MergePlan, ModulePlan
 from .reference import mean_tensors
 
 # Modules are handed to the backend in groups of about this many input bytes: large enough
@@ -118,9 +118,12 @@ class Emitter:
             self.target[key] = value
 
 
-def emit_means(emit: Emitter, plan: MergePlan, sources: list[AdapterSource], device: torch.device) -> None:
-    """§3 step 5: each non-LoRA tensor, averaged over the adapters that carry it."""
-    for mean in plan.means:
+def emit_means(
+    emit: Emitter, plan: MergePlan, sources: list[AdapterSource], device: torch.device, means: list[MeanPlan] | None = None
+) -> None:
+    """§3 step 5: each non-LoRA tensor (of ``means``, default all), averaged over the
+    adapters that carry it."""
+    for mean in plan.means if means is None else means:
         values = [load(sources[t], key, device) for t, key in zip(mean.members, mean.keys)]
         emit(mean.key, check_output(mean.key, mean_tensors(values, mean.out_dtype)), mean.file)
 
@@ -157,8 +160,12 @@ class RobustMergeRun:
         device: torch.device,
         progress: bool = False,
         group_bytes: int | None = None,
+        share: tuple[list[ModulePlan], list[MeanPlan]] | None = None,
     ):
+        """``share``: merge only these modules and means (one rank's part of a distributed
+        merge, robustmerge_kernels.distributed); default the whole plan."""
         self.plan, self.sources, self.params, self.device, self.progress = plan, sources, params, device, progress
+        self.modules, self.means = share if share is not None else (plan.modules, plan.means)
         self.impl: Backend = get_backend(backend, device.type)
         if group_bytes is None:
             group_bytes = FILE_GROUP_BYTES if any(s.path is not None for s in sources) else DEFAULT_GROUP_BYTES
@@ -187,9 +194,9 @@ class RobustMergeRun:
         return numel + sum(math.prod(mean.shape) for mean in self.plan.means)
 
     def produce(self, emit: Emitter) -> None:
-        bar = progress_bar(len(self.plan.modules), self.progress)
+        bar = progress_bar(len(self.modules), self.progress)
         scan = not getattr(self.impl, "checks_finite", False)  # kernels that see inf/NaN themselves skip a pass
-        groups = list(module_groups(self.plan.modules, self.group_bytes))
+        groups = list(module_groups(self.modules, self.group_bytes))
         # In-memory inputs cost nothing to "load"; ROBUSTMERGE_PREFETCH=0 reads in line (to measure).
         from_files = any(s.path is not None for s in self.sources) and os.environ.get(ENV_PREFETCH, "1") != "0"
         loaded = iter(Prefetcher(lambda g: self._load_group(g, scan), groups, enabled=from_files))
@@ -201,7 +208,7 @@ class RobustMergeRun:
                     emit(m.b_key, check_output(m.b_key, b) if scan else b)
                 bar.update(len(group))
         bar.close()
-        emit_means(emit, self.plan, self.sources, self.device)
+        emit_means(emit, self.plan, self.sources, self.device, self.means)
 
     def _load_group(self, group: list[ModulePlan], scan: bool) -> list[ModuleInputs]:
         src = self.sources

@@ -124,7 +124,17 @@ class SafetensorsStream:
     with a positional write as soon as it exists. close() checks every tensor arrived.
     """
 
-    def __init__(self, path: str, entries: list[tuple[str, tuple[int, ...], torch.dtype]]):
+    def __init__(
+        self,
+        path: str,
+        entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+        *,
+        create: bool = True,
+        expect: set[str] | None = None,
+    ):
+        """``create=False`` joins a file another process created from the same entries (a
+        distributed merge: every rank writes its tensors into the one file); ``expect`` is
+        the keys this writer must write before close() (default: all)."""
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         self._spans: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
         offset = 0
@@ -136,10 +146,19 @@ class SafetensorsStream:
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
         self._data = 8 + len(text)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self._fd, len(text).to_bytes(8, "little") + text, 0)
-        os.ftruncate(self._fd, self._data + offset)
-        self._pending = set(self._spans)
+        head = len(text).to_bytes(8, "little") + text
+        if create:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(self._fd, head, 0)
+            os.ftruncate(self._fd, self._data + offset)
+        else:
+            self._fd = os.open(path, os.O_RDWR)
+            if os.fstat(self._fd).st_size != self._data + offset or os.pread(self._fd, len(head), 0) != head:
+                os.close(self._fd)
+                raise ValueError(f"{path} was not created from the same tensor list; refusing to write into it")
+        self._pending = set(self._spans) if expect is None else set(expect)
+        if not self._pending <= set(self._spans):
+            raise ValueError(f"expected keys not in the file, e.g. {sorted(self._pending - set(self._spans))[0]!r}")
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         offset, shape, dtype = self._spans[key]

@@ -86,8 +86,12 @@ class StagedAdapter:
     def path(self, name: str) -> str:
         return os.path.join(self.tmp, name)
 
-    def stream(self, entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> SafetensorsStream:
-        self.streams.append(SafetensorsStream(self.path(SAFETENSORS_NAME), entries))
+    def stream(
+        self, entries: list[tuple[str, tuple[int, ...], torch.dtype]], expect: set[str] | None = None
+    ) -> SafetensorsStream:
+        """adapter_model.safetensors, written as tensors arrive; ``expect``: the keys this
+        process writes (a distributed merge's other ranks write the rest)."""
+        self.streams.append(SafetensorsStream(self.path(SAFETENSORS_NAME), entries, expect=expect))
         return self.streams[-1]
 
     def write_tensors(self, tensors: dict[str, torch.Tensor], max_shard_size: int | None = None) -> None:
