@@ -34,9 +34,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _write_folders(shape: str, T: int, dtype: str, root: str) -> None:
+    _write_folders_layers(shape, T, dtype, None, root)
+
+
+def _write_folders_layers(shape: str, T: int, dtype: str, layers: int | None, root: str) -> None:
     from safetensors.torch import save_file
 
-    for i, (sd, config) in enumerate(synthetic.synthetic_adapters(shape, T, dtype=DTYPES[dtype])):
+    for i, (sd, config) in enumerate(synthetic.synthetic_adapters(shape, T, dtype=DTYPES[dtype], layers=layers)):
         folder = os.path.join(root, f"a{i:04d}")
         os.makedirs(folder)
         save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "adapter_model.safetensors"))
