@@ -5,6 +5,7 @@ from .api import MergedAdapter, MergeReport, merge
 from .backends import available_backends, get_backend, register_backend
 from .errors import AdapterError
 from .params import RobustMergeParams
+from .peft_model import add_merged_adapter
 
 __all__ = [
     "AdapterError",
@@ -12,6 +13,7 @@ __all__ = [
     "MergedAdapter",
     "RobustMergeParams",
     "__version__",
+    "add_merged_adapter",
     "available_backends",
     "get_backend",
     "merge",

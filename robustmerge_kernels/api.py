@@ -16,7 +16,8 @@ import torch
 
 from . import methods as _methods
 from .adapter_io.record import InputHashes, build_record
-from .adapter_io.sources import AdapterSource, open_adapter
+from .adapter_io import hub
+from .adapter_io.sources import AdapterSource, is_peft_model, open_adapter, open_peft_adapter
 from .adapter_io.names import SAFETENSORS_NAME
 from .adapter_io.safetensors_io import SafetensorsStream
 from .adapter_io.writer import StagedAdapter, check_destination, finish_adapter
@@ -122,12 +123,17 @@ def merge(
     pcb_ratio: float = 0.1,
     keep_in_memory: bool = True,
     distributed: bool = False,
+    adapter_names: Sequence[str] | None = None,
+    push_to_hub: str | None = None,
 ) -> MergedAdapter:
     """Merge LoRA adapters into one adapter (RobustMerge by default, docs/ALGORITHM.md).
 
     Args:
-        adapters: PEFT adapter folders, state dicts, ``(state_dict, LoraConfig-or-dict)``
-            pairs or ``PeftModel`` objects (their active adapter), in any mix.
+        adapters: PEFT adapter folders, Hugging Face Hub ids (``org/name``,
+            ``org/name@revision``, ``org/name/subfolder``; through huggingface_hub's cache,
+            ``HF_HUB_OFFLINE=1`` for the cache only), state dicts,
+            ``(state_dict, LoraConfig-or-dict)`` pairs or ``PeftModel`` objects (their
+            active adapter), in any mix; or one ``PeftModel`` with ``adapter_names``.
         method: ``"robustmerge"`` or a baseline of :mod:`robustmerge_kernels.methods`:
             task_arithmetic/linear, ties, dare_linear, dare_ties, magnitude_prune, cat, svd,
             ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd, pcb.
@@ -156,6 +162,10 @@ def merge(
             modules on its device and writes it into the one output file
             (:mod:`robustmerge_kernels.distributed`); every rank gets the same report and,
             with ``keep_in_memory``, the tensors it merged.
+        adapter_names: merge these named adapters of the one ``PeftModel`` given as
+            ``adapters`` (see also :func:`robustmerge_kernels.add_merged_adapter`).
+        push_to_hub: with ``out``, upload the written folder to this Hub repository
+            (created if needed), with a model card listing inputs, method and options.
 
     Returns:
         The merged state dict (keys as PEFT saves them) with ``.config`` (the output
@@ -168,8 +178,12 @@ def merge(
     start = time.perf_counter()
     if method not in METHODS:
         raise AdapterError(f"unknown merge method {method!r}; available: {', '.join(METHODS)}")
-    if isinstance(adapters, (str, os.PathLike, dict)) or not isinstance(adapters, Sequence):
-        raise AdapterError("adapters must be a list (of folders, state dicts, pairs or models)")
+    if adapter_names is not None:
+        adapters = _named_adapters(adapters, adapter_names)
+    elif isinstance(adapters, (str, os.PathLike, dict)) or not isinstance(adapters, Sequence):
+        raise AdapterError("adapters must be a list (of folders, Hub ids, state dicts, pairs or models)")
+    if push_to_hub is not None and (out is None or distributed):
+        raise AdapterError("push_to_hub uploads the written folder: pass out= (and not distributed=True)")
     params: RobustMergeParams | _methods.MethodOptions
     if method == "robustmerge":
         params = RobustMergeParams(density, clamp_quantile, lam)
@@ -197,7 +211,7 @@ def merge(
     sources: list[AdapterSource] = []
     try:
         for i, a in enumerate(adapters):
-            sources.append(open_adapter(a, i))
+            sources.append(a if isinstance(a, AdapterSource) else open_adapter(a, i))
         plan = build_plan(sources, out_dtype)
         if out is not None and plan.out_config is None:
             raise AdapterError("cannot write a PEFT folder: no adapter came with a LoRA config; pass (state_dict, config)")
@@ -216,7 +230,7 @@ def merge(
                 merged = _produce(run)
                 merged.report = _report(run, method, merged)
             else:
-                merged = _write(run, method, out, overwrite, shard_bytes, keep_in_memory)
+                merged = _write(run, method, out, overwrite, shard_bytes, keep_in_memory, push_to_hub)
     finally:
         for source in sources:
             source.close()
@@ -231,7 +245,15 @@ def _produce(run: Run, sink: Sink | None = None, keep: bool = True) -> MergedAda
     return merged
 
 
-def _write(run: Run, method: str, out: str | os.PathLike[str], overwrite: bool, shard_bytes: int | None, keep: bool) -> MergedAdapter:
+def _write(
+    run: Run,
+    method: str,
+    out: str | os.PathLike[str],
+    overwrite: bool,
+    shard_bytes: int | None,
+    keep: bool,
+    push_to_hub: str | None = None,
+) -> MergedAdapter:
     """Merge into a staged folder and rename it into place; the record hashes the inputs on
     a background thread meanwhile."""
     hashes = InputHashes(run.sources)
@@ -247,13 +269,26 @@ def _write(run: Run, method: str, out: str | os.PathLike[str], overwrite: bool, 
             report = {k: v for k, v in asdict(merged.report).items() if k not in ("seconds", "adapters")}
             record = build_record(run.sources, hashes.result(), report)
             finish_adapter(staged, merged, merged.files, merged.config, record)
-            staged.commit()
+            if push_to_hub is not None:  # the card is part of the folder before it appears
+                staged.write_text(hub.CARD_NAME, hub.model_card(push_to_hub, record))
+            path = staged.commit()
     except BaseException:
         hashes.cancel()
         raise
+    if push_to_hub is not None:
+        hub.push(path, push_to_hub, record)
     if not keep:
         merged.clear()
     return merged
+
+
+def _named_adapters(model: Any, names: Sequence[str]) -> list[AdapterSource]:
+    """The named adapters of one PeftModel, as sources (labels name the adapter)."""
+    if not is_peft_model(model):
+        raise AdapterError("adapter_names selects adapters of a PeftModel: pass the model itself as adapters")
+    if isinstance(names, str) or not names:
+        raise AdapterError(f"adapter_names must be a non-empty list of adapter names, got {names!r}")
+    return [open_peft_adapter(model, name, f"#{i} ({name})") for i, name in enumerate(names)]
 
 
 def _report(run: Run, method: str, merged: MergedAdapter) -> MergeReport:

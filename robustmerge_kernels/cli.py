@@ -47,6 +47,7 @@ def _merge_and_report(args: argparse.Namespace, world: int) -> int:
         seed=args.seed,
         pcb_ratio=args.pcb_ratio,
         distributed=world > 1,
+        push_to_hub=args.push_to_hub,
     )
     if world > 1 and distributed.current().rank != 0:
         return 0  # one summary, from rank 0
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     m = sub.add_parser("merge", help="merge PEFT adapter folders into one PEFT adapter folder")
-    m.add_argument("adapters", nargs="+", help="PEFT adapter folders (adapter_config.json + weights)")
+    m.add_argument("adapters", nargs="+", help="PEFT adapter folders (adapter_config.json + weights) or Hugging Face "
+                   "Hub ids: org/name, org/name@revision, org/name/subfolder (HF_HUB_OFFLINE=1: the cache only)")  # fmt: skip
     m.add_argument("-o", "--output", required=True, help="output adapter folder (written atomically)")
     m.add_argument("--method", default="robustmerge", help="robustmerge (default), task_arithmetic, linear, ties, "
                    "dare_linear, dare_ties, magnitude_prune, cat, svd, ties_svd, dare_linear_svd, dare_ties_svd, "
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--svd-clamp", type=float, default=None, help="svd family: clamp factors at this quantile")
     m.add_argument("--seed", type=int, default=0, help="dare_*: seed of the hashed random drop (default 0)")
     m.add_argument("--pcb-ratio", type=float, default=0.1, help="pcb: fraction of balanced entries kept (default 0.1)")
+    m.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the written folder to this Hub "
+                   "repository (created if needed) with a model card")  # fmt: skip
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_merge)
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError
+from . import hub
 from .names import BIN_NAME, CONFIG_NAME, INDEX_NAME, NON_LORA_NAME, SAFETENSORS_NAME
 from .safetensors_io import SafetensorsFile
 
@@ -37,6 +38,7 @@ class AdapterSource:
     files: list[str] = field(default_factory=list)  # every file the adapter was read from
     file_of: dict[str, str] = field(default_factory=dict)  # key -> file name, for tensors outside the weights file
     shard_paths: list[str] = field(default_factory=list)  # sharded weights: every shard file
+    hub: Any = None  # hub.HubAdapter: the Hub id and commit this folder was resolved from
 
 
     def keys(self) -> list[str]:
@@ -165,11 +167,33 @@ def _config_to_dict(config: Any, label: str) -> dict[str, Any]:
     raise AdapterError(f"config must be a dict or a LoraConfig, got {type(config).__name__}", label)
 
 
+def is_peft_model(obj: Any) -> bool:
+    return hasattr(obj, "peft_config") and hasattr(obj, "state_dict")
+
+
+def open_peft_adapter(model: Any, name: str, label: str) -> AdapterSource:
+    """One named adapter of a PeftModel, with its config."""
+    from peft import get_peft_model_state_dict
+
+    if name not in model.peft_config:
+        raise AdapterError(f"the model has no adapter {name!r} (it has {', '.join(sorted(model.peft_config))})", label)
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    return _from_state_dict(state, _config_to_dict(model.peft_config[name], label), label)
+
+
 def open_adapter(obj: Any, index: int) -> AdapterSource:
     """Turn one user input into an AdapterSource (the index names it in errors)."""
     if isinstance(obj, (str, os.PathLike)):
         folder = os.fspath(obj)
         label = f"#{index} ({folder})"
+        ref = hub.parse_hub_id(folder) if isinstance(obj, str) else None
+        resolved = None
+        if ref is not None:
+            try:
+                resolved = hub.resolve(ref, label)
+            except AdapterError as exc:  # a Hub-shaped string may also be a mistyped local path
+                raise AdapterError(f"no such adapter folder {folder!r}, nor a Hub adapter: {exc.reason}", label) from exc
+            folder = resolved.folder
         if not os.path.isdir(folder):
             raise AdapterError(f"no such adapter folder {folder!r}", label)
         config = _read_config(folder, label)
@@ -188,6 +212,7 @@ def open_adapter(obj: Any, index: int) -> AdapterSource:
             raise AdapterError(f"no {SAFETENSORS_NAME}, {INDEX_NAME} or {BIN_NAME} in {folder!r}", label)
         source.config = config
         source.folder = folder
+        source.hub = resolved
         source.files = [os.path.join(folder, CONFIG_NAME), *(source.shard_paths or [source.path])]
         non_lora = os.path.join(folder, NON_LORA_NAME)
         if os.path.isfile(non_lora):
@@ -195,15 +220,11 @@ def open_adapter(obj: Any, index: int) -> AdapterSource:
             source.files.append(non_lora)
         return source
     label = f"#{index}"
-    if hasattr(obj, "peft_config") and hasattr(obj, "state_dict"):  # a live PeftModel
-        from peft import get_peft_model_state_dict
-
+    if is_peft_model(obj):  # a live PeftModel: its active adapter
         name = getattr(obj, "active_adapter", "default")
         if not isinstance(name, str):
             name = name[0]
-        return _from_state_dict(
-            get_peft_model_state_dict(obj, adapter_name=name), _config_to_dict(obj.peft_config[name], label), label
-        )
+        return open_peft_adapter(obj, name, label)
     if isinstance(obj, tuple) and len(obj) == 2:
         return _from_state_dict(obj[0], _config_to_dict(obj[1], label), label)
     if isinstance(obj, Mapping):

@@ -115,6 +115,12 @@ class StagedAdapter:
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         _write_json(self.path(name), data)
 
+    def write_text(self, name: str, text: str) -> None:
+        with open(self.path(name), "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
     def commit(self) -> str:
         for stream in self.streams:
             stream.close()
