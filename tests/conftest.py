@@ -32,22 +32,6 @@ def pytest_report_header(config):
     return triton_mode_line()
 
 
-def _parametrized_directly(metafunc, name: str) -> bool:
-    for mark in metafunc.definition.iter_markers("parametrize"):
-        names = mark.args[0]
-        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-        if name in names:
-            return True
-    return False
-
-
-def pytest_generate_tests(metafunc):
-    """Every test taking ``backend`` runs once per kernel backend (cpu, triton, cuda),
-    unless it parametrizes ``backend`` itself (per-backend shape lists)."""
-    if "backend" in metafunc.fixturenames and not _parametrized_directly(metafunc, "backend"):
-        metafunc.parametrize("backend", BACKENDS, indirect=True)
-
-
 def pytest_collection_modifyitems(config, items):
     try:
         interpreted = triton_interpreted()
@@ -71,9 +55,11 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.slow)
 
 
-@pytest.fixture
+@pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    """The kernel backend under test (see tests/_backends.py); skips where it cannot run."""
+    """The kernel backend under test (see tests/_backends.py), one test per backend (cpu,
+    triton, cuda); skips where it cannot run. A test may parametrize ``backend`` itself,
+    indirectly (per-backend shape lists); test_errors.py overrides it with its own."""
     return make_backend(request.param, monkeypatch)
 
 
