@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(STAMP): requirements.txt requirements-test.txt requirements-build.txt setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q
+
+# the fast lane: no Java caption metrics, end-to-end eval, demo, benchmark smoke, and
+# Triton-interpreter tests for one dtype only
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q

@@ -9,10 +9,12 @@ is what the library claims to implement:
 1. Outlier clip (official code only; not in the paper): each task's magnitudes are
    clamped to its values at sorted positions int(d * 1e-4) and int(d * (1 - 1e-4) - 1);
    the clamped magnitudes, with the original signs, are what gets merged.
-2. Intra-balancing: paper beta_intra = Softmax(N * Norm(delta ** 2)) over the task's
-   entries. The official code uses exp(N * Norm(|c|) ** 2) without the softmax's
-   denominator; a positive per-task factor cancels in the per-task min-max normalisation
-   of step 4 (and the quantile clip is scale-invariant), so this oracle computes the
+2. Intra-balancing: paper beta_intra = Softmax(N * Norm(delta * delta)) over the task's
+   entries. The official code computes exp(N * Norm(|c|) ** 2): it squares after the
+   min-max normalisation (the same as the paper's order only where min |c| = 0) and on
+   the clipped magnitudes; this oracle follows the code. It drops the softmax's
+   denominator: a positive per-task factor cancels in the per-task min-max normalisation
+   of step 4 (and the quantile clip is scale-invariant), so this oracle keeps the
    paper's softmax and must still agree to rounding.
 3. Inter-balancing: the paper writes beta_inter = sum_j Softmax(Norm(delta_i * delta_j));
    the official code computes tanh(delta_i * sum_j delta_j) (unclipped deltas). The

@@ -294,6 +294,19 @@ def test_concurrent_threads_each_on_their_own_stream():
 
 
 @needs_gpu
+def test_auto_picks_cuda_for_cuda_tensors():
+    """The shared suite names the backend; here merge() must choose it for CUDA tensors."""
+    from conftest import lora_pair
+
+    pairs = [lora_pair(i, r=4, n=37, m=29) for i in range(3)]
+    merged = rk.merge([({k: v.cuda() for k, v in sd.items()}, cfg) for sd, cfg in pairs])
+    assert merged.report.backend == "cuda"
+    ref = rk.merge(pairs, backend="reference")
+    for key in ref:
+        assert_close_to_exact(merged[key].cpu(), ref[key].double(), ref[key].dtype, float(ref[key].abs().max()), 2.0, key)
+
+
+@needs_gpu
 def test_raw_binding_refuses_host_addresses_before_launching():
     ext = _ext()
     a, b = torch.ones(2, 3), torch.ones(4, 2)  # CPU tensors: host addresses
