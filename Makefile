@@ -42,6 +42,8 @@ demo: $(EXT_STAMP)
 test: $(EXT_STAMP)
 	$(PYTEST) tests -q
 
+# the fast lane: no Java caption metrics, end-to-end eval, demo, benchmark smoke, and
+# Triton-interpreter tests for one dtype only
 test-fast: $(EXT_STAMP)
 	$(PYTEST) tests -q -m "not slow"
 

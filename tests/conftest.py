@@ -17,9 +17,50 @@ import warnings  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from _backends import BACKENDS, make_backend, triton_interpreted, triton_mode_line  # noqa: E402
+
 from robustmerge_kernels.demo.toy import tiny_llama, train_adapter  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
+
+# Triton's interpreter runs the kernels in Python: in the fast lane (-m "not slow") the
+# interpreted Triton tests run for this one input dtype, the others are marked slow.
+INTERPRETER_FAST_DTYPE = torch.float32
+
+
+def pytest_report_header(config):
+    return triton_mode_line()
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        interpreted = triton_interpreted()
+    except ImportError:
+        return
+    if not interpreted:
+        return
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("backend") != "triton" and item.path.name != "test_triton_backend.py":
+            continue
+        dtype = params.get("dtype")
+        if isinstance(dtype, torch.dtype) and dtype != INTERPRETER_FAST_DTYPE:
+            item.add_marker(pytest.mark.slow)
+        # @pytest.mark.interpreter_slow(unless=predicate on the params): slow under the
+        # interpreter, except the parameter combinations the predicate keeps fast.
+        mark = item.get_closest_marker("interpreter_slow")
+        if mark is not None:
+            unless = mark.kwargs.get("unless")
+            if unless is None or not unless(params):
+                item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """The kernel backend under test (see tests/_backends.py), one test per backend (cpu,
+    triton, cuda); skips where it cannot run. A test may parametrize ``backend`` itself,
+    indirectly (per-backend shape lists); test_errors.py overrides it with its own."""
+    return make_backend(request.param, monkeypatch)
 
 
 @pytest.fixture(scope="session")

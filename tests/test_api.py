@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from _cases import assert_close_to_exact
 from conftest import lora_pair
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -130,14 +131,21 @@ def test_non_lora_tensors_are_averaged_and_load_as_modules_to_save(base_model, t
 def test_adapter_name_inside_keys_and_embedding_factors():
     sd, config = lora_pair(3)
     renamed = {k.replace("lora_A.weight", "lora_A.default.weight"): v for k, v in sd.items()}
-    assert rk.merge([renamed]).keys() == rk.merge([sd]).keys()
+    from_renamed, plain = rk.merge([renamed]), rk.merge([sd])
+    assert from_renamed.keys() == plain.keys()
+    assert all(torch.equal(from_renamed[k], plain[k]) for k in plain)
     g = torch.Generator().manual_seed(0)
-    emb = {
-        "base_model.model.embed_tokens.lora_embedding_A": torch.randn(4, 50, generator=g),
-        "base_model.model.embed_tokens.lora_embedding_B": torch.randn(16, 4, generator=g),
-    }
-    merged = rk.merge([emb, {k: v * 2 for k, v in emb.items()}])
+    a_key, b_key = "base_model.model.embed_tokens.lora_embedding_A", "base_model.model.embed_tokens.lora_embedding_B"
+    emb = {a_key: torch.randn(4, 50, generator=g), b_key: torch.randn(16, 4, generator=g)}  # A [r, vocab], B [dim, r]
+    second = {a_key: torch.randn(4, 50, generator=g) * 0.5, b_key: -2 * emb[b_key]}
+    ref = robustmerge_module([emb[a_key], second[a_key]], [emb[b_key], second[b_key]], rk.RobustMergeParams())
+    exact = rk.merge([emb, second], backend="reference")
+    assert set(exact) == set(emb)  # saved under the embedding names, without ".weight"
+    assert torch.equal(exact[a_key], ref.a) and torch.equal(exact[b_key], ref.b)
+    merged = rk.merge([emb, second])  # the default (kernel) backend: within float32 tolerance
     assert set(merged) == set(emb)
+    for key, want in ((a_key, ref.a), (b_key, ref.b)):
+        assert_close_to_exact(merged[key], want.double(), torch.float32, float(want.abs().max()), 2.0, key)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -154,8 +162,27 @@ def test_merged_bf16_adapter_loads_in_peft(tmp_path):
     for seed in range(2):
         sd = train_adapter(base, seed, steps=2, target_modules=["q_proj"])
         pairs.append(({k: v.bfloat16() for k, v in get_peft_model_state_dict(sd).items()}, config))
-    rk.merge(pairs, out=str(tmp_path / "bf16"))
-    PeftModel.from_pretrained(base, str(tmp_path / "bf16"))
+    out = tmp_path / "bf16"
+    merged = rk.merge(pairs, out=str(out))
+    assert merged.keys() == pairs[0][0].keys() and all(v.dtype == torch.bfloat16 for v in merged.values())
+    stored = load_file(str(out / "adapter_model.safetensors"))
+    assert stored.keys() == merged.keys() and all(torch.equal(stored[k], merged[k]) for k in merged)
+    # the merged factors are RobustMerge of the bf16 inputs (within bf16 rounding)
+    names = sorted({k.removesuffix(".lora_A.weight") for k in merged if k.endswith(".lora_A.weight")})
+    assert len(names) == 2  # q_proj in 2 layers
+    for name in names:
+        res = robustmerge_module([sd[f"{name}.lora_A.weight"] for sd, _ in pairs],
+                                 [sd[f"{name}.lora_B.weight"] for sd, _ in pairs], rk.RobustMergeParams())  # fmt: skip
+        for factor, want in (("A", res.a), ("B", res.b)):
+            key = f"{name}.lora_{factor}.weight"
+            assert_close_to_exact(merged[key], want.double(), torch.bfloat16, float(want.abs().max()), 2.0, key)
+    loaded = PeftModel.from_pretrained(base, str(out))
+    scaling = merged.config["lora_alpha"] / merged.config["r"]
+    for name in names:  # peft loaded exactly the stored values (into its float32 layers)
+        layer = loaded.get_submodule(name)
+        assert torch.equal(layer.lora_A["default"].weight.detach().bfloat16(), merged[f"{name}.lora_A.weight"])
+        assert torch.equal(layer.lora_B["default"].weight.detach().bfloat16(), merged[f"{name}.lora_B.weight"])
+    assert max_delta_error(loaded, merged, scaling) < 1e-6
 
 
 def test_backend_registry_and_environment_override(monkeypatch):

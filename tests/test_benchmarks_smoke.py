@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from robustmerge_kernels.demo import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # a second pytest process merging the CLIP benchmark shapes: ~15 s idle, 73 s on a busy machine
 def test_benchmarks_run_untimed(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-disable", "-k", "clip", "-q",

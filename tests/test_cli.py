@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -49,6 +51,7 @@ def test_cli_backends_lists_reference(capsys):
     assert "reference" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_end_to_end(tmp_path):
     """The main job: the console script with no arguments trains, merges and reloads."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -64,6 +67,7 @@ def test_demo_runs_offline_end_to_end(tmp_path):
         assert min(range(3), key=lambda t: float(values[t])) == task, (name, values)
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_demo_output_folder(tmp_path):
     out = tmp_path / "kept"
     proc = subprocess.run(
@@ -75,3 +79,23 @@ def test_python_dash_m_and_demo_output_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / "adapter_config.json").exists() and (out / "robustmerge.json").exists()
     assert main(["demo", "--tasks", "2", "--steps", "1", "-o", str(out)]) == 2  # never replaced silently
+
+
+def test_demo_trains_on_one_torch_thread_and_restores_the_count(monkeypatch):
+    from robustmerge_kernels.demo import offline
+
+    seen = []
+
+    def stop_training(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(offline, "train_adapter", stop_training)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            offline.run_demo(tasks=1, steps=1, echo=lambda *_: None)
+        assert seen == [1] and torch.get_num_threads() == 2  # restored even when the demo fails
+    finally:
+        torch.set_num_threads(before)

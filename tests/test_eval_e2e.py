@@ -136,11 +136,14 @@ def test_prompt_is_llava_v1_5_vicuna_v1():
     assert build_prompt("What?") == f"{VICUNA_V1_SYSTEM} USER: <image>\nWhat? ASSISTANT:"
 
 
+@pytest.mark.slow
 def test_end_to_end_eval_merged_adapter_and_report(tiny, tmp_path):
     from robustmerge_kernels.cli import main
 
     reg = load_registry()
-    tasks = ["scienceqa", "imagenet", "grounding", "ocrvqa", "flickr30k", "tabmwp"]
+    # No caption task: METEOR's JVM start costs more than the rest of this test, and the
+    # caption scorer is covered by tests/test_eval_scorers.py.
+    tasks = ["scienceqa", "imagenet", "grounding", "ocrvqa", "tabmwp"]
     data = tmp_path / "bench"
     make_bench(str(data), reg, tasks)
     common = ["--data-root", str(data), "--tasks", *tasks, "--batch-size", "2", "--max-new-tokens", "6", "-q",
@@ -157,8 +160,6 @@ def test_end_to_end_eval_merged_adapter_and_report(tiny, tmp_path):
         assert len(answers) == 3 and {a["question_id"] for a in answers} == {f"{name}-{i}" for i in range(3)}
         res = json.load(open(runs["merged"] / name / "results.json"))
         assert res["n"] == 3 and 0 <= res["score"]
-    cap = json.load(open(runs["merged"] / "flickr30k" / "results.json"))
-    assert set(cap) >= {"Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
     zero = [json.loads(x)["text"] for x in open(runs["zero"] / "tabmwp" / "answers.jsonl")]
     merged = [json.loads(x)["text"] for x in open(runs["merged"] / "tabmwp" / "answers.jsonl")]
     assert zero != merged  # the adapter is really applied
@@ -168,9 +169,9 @@ def test_end_to_end_eval_merged_adapter_and_report(tiny, tmp_path):
     assert main(["eval-report", *map(str, runs.values()), "-o", str(out)]) == 0
     md = (tmp_path / "report" / "table.md").read_text()
     lines = md.splitlines()
-    assert lines[0].startswith("| method | ScienceQA | ImageNet | REC-COCO | OCRVQA | Flickr30k | TabMWP | seen mean")
+    assert lines[0].startswith("| method | ScienceQA | ImageNet | REC-COCO | OCRVQA | TabMWP | seen mean")
     assert [ln.split("|")[1].strip() for ln in lines[2:]] == ["zero-shot", "individual", "robustmerge"]
-    assert "*" in lines[2]  # seen mean over 5 of 8 seen tasks is marked incomplete
+    assert "*" in lines[2]  # seen mean over 4 of 8 seen tasks is marked incomplete
     assert (tmp_path / "report" / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -129,10 +129,12 @@ def test_rec_accuracy_iou_above_half():
 # Captions (pycocoevalcap; Java) ---------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's METEOR and tokenizer need Java")
 def test_caption_metrics_hand_computed():
     refs = {0: ["A red dog runs."], 1: ["two blue cats sleep"]}
     exact = S.caption_scores(refs, {0: "a red dog runs", 1: "Two blue cats sleep."})
+    meteor_pid = S._METEOR.meteor_p.pid  # one METEOR JVM, shared by every call in this process
     for k in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L"):
         assert exact[k] == pytest.approx(1.0, abs=1e-6), k
     # CIDEr: every n-gram occurs in 1 of 2 reference sets, idf = log 2 for all, candidate
@@ -158,6 +160,10 @@ def test_caption_metrics_hand_computed():
     r2 = S.caption(gold, {"x": "a red dog runs", "y": "Two blue cats sleep."},
                    references={"x": ["A red dog runs."], "y": ["two blue cats sleep"]})  # fmt: skip
     assert r2["score"] == pytest.approx(r["score"], abs=1e-9)
+    assert S._METEOR.meteor_p.pid == meteor_pid and S._METEOR.meteor_p.poll() is None
+    proc = S._METEOR.meteor_p
+    S.close_meteor()
+    assert S._METEOR is None and proc.poll() is not None  # stopped (at exit too); the next call starts one
 
 
 # Registry --------------------------------------------------------------------------------

@@ -37,6 +37,18 @@ def max_delta_error(peft_model, merged: dict[str, torch.Tensor], scaling: float)
 def run_demo(
     tasks: int = 3, steps: int = 60, out: str | None = None, backend: str = "auto", overwrite: bool = False, echo=print
 ) -> dict:
+    """The demo on one torch thread (restored afterwards): the model is tiny, and torch's
+    thread pool competing with other processes for few cores made it 20x slower
+    (171 s vs 8 s measured on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(tasks, steps, out, backend, overwrite, echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(tasks: int, steps: int, out: str | None, backend: str, overwrite: bool, echo) -> dict:
     from peft import PeftModel
 
     # transformers 5 deprecation noise raised inside peft; it says nothing about the merge.

@@ -10,7 +10,9 @@ stated next to the code and pinned by ``tests/test_eval_scorers.py``.
 
 from __future__ import annotations
 
+import atexit
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -162,26 +164,64 @@ def caption_scores(references: Mapping[Any, list[str]], candidates: Mapping[Any,
     exceed 1)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     ids = list(candidates)
-    tok = PTBTokenizer()
-    gts = tok.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
-    res = tok.tokenize({i: [{"caption": candidates[i]}] for i in ids})
+    # One tokenizer JVM for references and candidates together (it tokenizes line by
+    # line, so this is what two separate calls give): the JVM start costs ~1 s.
+    both = {("ref", i): [{"caption": c} for c in references[i]] for i in ids}
+    both.update({("cand", i): [{"caption": candidates[i]}] for i in ids})
+    tokens = PTBTokenizer().tokenize(both)
+    gts = {i: tokens[("ref", i)] for i in ids if ("ref", i) in tokens}  # as tokenizing references alone
+    res = {i: tokens[("cand", i)] for i in ids}
     out: dict[str, float] = {}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     for k in range(4):
         out[f"Bleu_{k + 1}"] = float(bleu[k])
-    meteor = Meteor()
-    try:
-        out["METEOR"] = float(meteor.compute_score(gts, res)[0])
-    finally:
-        _close_meteor(meteor)
+    out["METEOR"] = _meteor_score(gts, res)
     out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     return out
+
+
+# One METEOR JVM per process, started on first use: loading its paraphrase tables takes
+# seconds, more than scoring a task, and an eval run (or a test session) scores several
+# caption tasks. Stopped at interpreter exit, or by close_meteor().
+_METEOR = None
+_METEOR_LOCK = threading.Lock()
+
+
+def _meteor_score(gts, res) -> float:
+    global _METEOR
+    with _METEOR_LOCK:
+        if _METEOR is None or _METEOR.meteor_p.poll() is not None:  # first use, or the JVM died
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            _METEOR = Meteor()
+        meteor = _METEOR
+        try:
+            return float(meteor.compute_score(gts, res)[0])
+        except BaseException:
+            # compute_score does not release its lock when it fails, and the JVM's stdout
+            # may be out of step: drop this process (a later call starts a fresh one).
+            _METEOR = None
+            if meteor.lock.locked():
+                meteor.lock.release()
+            _close_meteor(meteor)
+            raise
+
+
+def close_meteor() -> None:
+    """Stop the shared METEOR process now (it is started again when next needed)."""
+    global _METEOR
+    with _METEOR_LOCK:
+        meteor, _METEOR = _METEOR, None
+    if meteor is not None:
+        _close_meteor(meteor)
+
+
+atexit.register(close_meteor)
 
 
 def _close_meteor(meteor) -> None:
