@@ -59,6 +59,7 @@ class MergeReport:
     hyperparameters: dict[str, float]
     partial_modules: dict[str, list[str]] = field(default_factory=dict)  # module -> adapters lacking it
     averaged_tensors: int = 0
+    output_dtypes: dict[str, str] = field(default_factory=dict)  # "lora_factors"/"averaged" -> dtype
 
     def summary(self) -> str:
         line = (
@@ -69,6 +70,8 @@ class MergeReport:
             line += f", {self.averaged_tensors} non-LoRA tensors averaged"
         if self.partial_modules:
             line += f", {len(self.partial_modules)} modules missing from some adapters"
+        if self.output_dtypes.get("lora_factors"):
+            line += f", written as {self.output_dtypes['lora_factors']}"
         return line
 
 
@@ -135,7 +138,10 @@ def merge(
             ``$ROBUSTMERGE_BACKEND`` overrides it), ``"cpu"``, ``"cuda"``, ``"triton"`` or
             ``"reference"``. Used by RobustMerge only; baselines run on torch.
         out: write the result there as a PEFT adapter folder, atomically.
-        dtype: output dtype (``"fp32"``, ``"bf16"``, a ``torch.dtype``); default: the inputs'.
+        dtype: output dtype of every tensor (``"fp32"``, ``"bf16"``, a ``torch.dtype``). Default:
+            LoRA factors of float16/bfloat16 inputs in float32 (as the official RobustMerge
+            code), of float32/float64 inputs in their dtype; averaged non-LoRA tensors (the
+            projector) in their first carrier's dtype.
         overwrite: replace an existing ``out``.
         progress: show a progress bar over modules.
         group_bytes: input bytes handed to the backend at once (default 256 MB in memory,
@@ -248,4 +254,5 @@ def _report(run: Run, method: str, merged: MergedAdapter) -> MergeReport:
             m.name: [s.label for t, s in enumerate(run.sources) if t not in m.members] for m in plan.partial_modules()
         },
         averaged_tensors=len(plan.means),
+        output_dtypes=plan.output_dtypes(),
     )

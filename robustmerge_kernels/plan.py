@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .dtypes import default_factor_dtype, dtype_name
 from .errors import AdapterError
 from .adapter_io.keys import FactorKey, canonical_name, parse_factor, unsupported_lora_part
 from .adapter_io.scaling import ScalingRule, check_config
@@ -39,7 +40,7 @@ class ModulePlan:
     a_keys: tuple[str, ...]  # per member, the key in that adapter's source
     b_keys: tuple[str, ...]
     b_scale: tuple[float, ...]  # per member: its scaling / the output scaling
-    out_dtype: torch.dtype
+    out_dtype: torch.dtype  # dtype=, else the first carrier's (float32 for fp16/bf16)
     nbytes_in: int  # bytes of all members' A and B
 
     @property
@@ -72,6 +73,18 @@ class MergePlan:
     def partial_modules(self) -> list[ModulePlan]:
         """Modules that some adapters do not carry (merged over those that do)."""
         return [m for m in self.modules if len(m.members) < len(self.sources)]
+
+    def output_dtypes(self) -> dict[str, str]:
+        """The dtype(s) written, for the report and robustmerge.json: LoRA factors and
+        averaged non-LoRA tensors (several dtypes, when modules differ, comma-joined)."""
+
+        def names(dtypes):
+            return ",".join(dict.fromkeys(dtype_name(d) for d in dtypes))
+
+        out = {"lora_factors": names(m.out_dtype for m in self.modules)}
+        if self.means:
+            out["averaged"] = names(m.out_dtype for m in self.means)
+        return out
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -228,7 +241,7 @@ def _plan_module(name, members, sources, slots, rules, dtype) -> ModulePlan:
         a_keys=tuple(a_keys),
         b_keys=tuple(b_keys),
         b_scale=tuple(scales),
-        out_dtype=dtype or first.dtype(a_keys[0]),
+        out_dtype=dtype or default_factor_dtype(first.dtype(a_keys[0])),
         nbytes_in=nbytes,
     )
 
@@ -257,7 +270,7 @@ def _plan_means(sources, others_per_source, dtype) -> list[MeanPlan]:
                 shape=first.shape(k0),
                 members=tuple(t for t, _ in carriers),
                 keys=tuple(k for _, k in carriers),
-                out_dtype=dtype or first.dtype(k0),
+                out_dtype=dtype or first.dtype(k0),  # as the official code: the inputs' dtype
                 file=first.file_of.get(k0),
             )
         )

@@ -182,7 +182,7 @@ def test_output_overflow_refused_naming_the_tensor():
     sd, config = lora_pair(0, dtype=torch.float16)
     sd["base_model.model.layers.0.q.lora_B.weight"].fill_(3e4)
     with pytest.raises(rk.AdapterError, match="overflow the output dtype torch.float16") as info:
-        rk.merge([(sd, config), (sd, config)], backend="cpu", density=1.0, lam=3.0)  # B*: lam * weighted mean
+        rk.merge([(sd, config), (sd, config)], backend="cpu", density=1.0, lam=3.0, dtype="fp16")  # B*: lam * weighted mean
     assert info.value.tensor == "base_model.model.layers.0.q.lora_B.weight"
 
 

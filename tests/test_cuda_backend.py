@@ -434,7 +434,7 @@ def test_merge_api_on_cuda_tensors_refuses_nan_and_overflow():
     sd = {k: v.cuda() for k, v in sd.items()}
     sd["base_model.model.layers.0.q.lora_B.weight"].fill_(3e4)
     with pytest.raises(rk.AdapterError, match="overflow the output dtype torch.float16"):
-        rk.merge([(sd, cfg), (sd, cfg)], backend="cuda", density=1.0, lam=3.0)
+        rk.merge([(sd, cfg), (sd, cfg)], backend="cuda", density=1.0, lam=3.0, dtype="fp16")
 
 
 @needs_gpu

@@ -213,11 +213,13 @@ def test_svd_equals_dense_float64_svd_and_cat_is_exact(shape):
 def test_half_precision_inputs_are_computed_in_float32(dtype, method):
     ads = _random_adapters(3, 4, 24, 20, dtype=dtype)
     up = [({k: v.float() for k, v in sd.items()}, cfg) for sd, cfg in ads]
-    out = rk.merge(ads, method=method, density=0.5)
+    out = rk.merge(ads, method=method, density=0.5, dtype=dtype)  # half output, chosen
     ref = rk.merge(up, method=method, density=0.5)
+    default = rk.merge(ads, method=method, density=0.5)  # float32 output by default
     for key, value in out.items():
-        assert value.dtype == dtype
+        assert value.dtype == dtype and default[key].dtype == torch.float32
         torch.testing.assert_close(value, ref[key].to(dtype), rtol=0, atol=0)
+        torch.testing.assert_close(default[key], ref[key], rtol=0, atol=0)
 
 
 def test_written_adapters_load_in_peft_with_scaling_one(base_model, four_dirs, tmp_path):
