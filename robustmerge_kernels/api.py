@@ -15,6 +15,8 @@ from typing import Any, Union
 import torch
 
 from . import methods as _methods
+from .adapter_io.model_config import ModelConfig, choose_model_config, write_model_config
+from .adapter_io.names import MODEL_CONFIG_NAME
 from .adapter_io.record import InputHashes, build_record
 from .adapter_io.sources import AdapterSource, open_adapter
 from .adapter_io.writer import StagedAdapter, check_destination, finish_adapter
@@ -60,6 +62,7 @@ class MergeReport:
     partial_modules: dict[str, list[str]] = field(default_factory=dict)  # module -> adapters lacking it
     averaged_tensors: int = 0
     output_dtypes: dict[str, str] = field(default_factory=dict)  # "lora_factors"/"averaged" -> dtype
+    model_config: dict[str, Any] = field(default_factory=dict)  # config.json carried over (LLaVA folders)
 
     def summary(self) -> str:
         line = (
@@ -70,6 +73,8 @@ class MergeReport:
             line += f", {self.averaged_tensors} non-LoRA tensors averaged"
         if self.partial_modules:
             line += f", {len(self.partial_modules)} modules missing from some adapters"
+        if self.model_config.get("differs"):
+            line += f", config.json from {self.model_config['from']} (differs in {', '.join(self.model_config['differs'])})"
         if self.output_dtypes.get("lora_factors"):
             line += f", written as {self.output_dtypes['lora_factors']}"
         return line
@@ -187,6 +192,7 @@ def merge(
         for i, a in enumerate(adapters):
             sources.append(open_adapter(a, i))
         plan = build_plan(sources, out_dtype)
+        model_config = choose_model_config(sources)
         if out is not None and plan.out_config is None:
             raise AdapterError("cannot write a PEFT folder: no adapter came with a LoRA config; pass (state_dict, config)")
         device = merge_device(sources, plan)
@@ -197,9 +203,9 @@ def merge(
             run = BaselineRun(plan, sources, method, params, device, progress)
         if out is None:
             merged = _produce(run)
-            merged.report = _report(run, method, merged)
+            merged.report = _report(run, method, merged, model_config)
         else:
-            merged = _write(run, method, out, overwrite, shard_bytes, keep_in_memory)
+            merged = _write(run, method, out, overwrite, shard_bytes, keep_in_memory, model_config)
     finally:
         for source in sources:
             source.close()
@@ -214,7 +220,9 @@ def _produce(run: Run, sink=None, keep: bool = True) -> MergedAdapter:
     return merged
 
 
-def _write(run: Run, method: str, out, overwrite: bool, shard_bytes: int | None, keep: bool) -> MergedAdapter:
+def _write(
+    run: Run, method: str, out, overwrite: bool, shard_bytes: int | None, keep: bool, model_config: ModelConfig | None
+) -> MergedAdapter:
     """Merge into a staged folder and rename it into place; the record hashes the inputs on
     a background thread meanwhile."""
     hashes = InputHashes(run.sources)
@@ -226,10 +234,12 @@ def _write(run: Run, method: str, out, overwrite: bool, shard_bytes: int | None,
             else:
                 merged = _produce(run)
                 staged.write_tensors({k: v for k, v in merged.items() if k not in merged.files}, shard_bytes)
-            merged.report = _report(run, method, merged)
+            merged.report = _report(run, method, merged, model_config)
             report = {k: v for k, v in asdict(merged.report).items() if k not in ("seconds", "adapters")}
             record = build_record(run.sources, hashes.result(), report)
             finish_adapter(staged, merged, merged.files, merged.config, record)
+            if model_config is not None:  # LLaVA's load_pretrained_model reads it from the folder
+                write_model_config(staged.path(MODEL_CONFIG_NAME), model_config)
             staged.commit()
     except BaseException:
         hashes.cancel()
@@ -239,7 +249,7 @@ def _write(run: Run, method: str, out, overwrite: bool, shard_bytes: int | None,
     return merged
 
 
-def _report(run: Run, method: str, merged: MergedAdapter) -> MergeReport:
+def _report(run: Run, method: str, merged: MergedAdapter, model_config: ModelConfig | None = None) -> MergeReport:
     plan: MergePlan = run.plan
     return MergeReport(
         method=method,
@@ -255,4 +265,5 @@ def _report(run: Run, method: str, merged: MergedAdapter) -> MergeReport:
         },
         averaged_tensors=len(plan.means),
         output_dtypes=plan.output_dtypes(),
+        model_config=model_config.summary() if model_config is not None else {},
     )

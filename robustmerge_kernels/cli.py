@@ -36,6 +36,10 @@ def _merge(args) -> int:
     print(f"{report.summary()} -> {args.output}")
     for module, missing in report.partial_modules.items():
         print(f"  note: {module} merged without {', '.join(missing)} (absent there)")
+    config = report.model_config
+    if config.get("differs"):
+        print(f"  note: config.json written from {config['from']}; it differs in {', '.join(config['differs'])} "
+              f"(keys: {', '.join(config['differing_keys'])})")  # fmt: skip
     return 0
 
 

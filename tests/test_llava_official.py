@@ -126,3 +126,47 @@ def test_half_precision_original_llava_merge_is_float32_and_exact(tmp_path, dtyp
         assert value.dtype == dtype
         exact = sum(x[key].double() for x in inputs) / 3
         assert torch.equal(value, exact.to(dtype)), key  # float64 sum, rounded once
+
+
+def test_config_json_round_trips(tmp_path, capsys):
+    """LLaVA's load_pretrained_model reads LlavaConfig.from_pretrained(<merged folder>): the
+    inputs' config.json is carried over (identical: the same bytes; different: the first's,
+    and the report and the CLI say so)."""
+    from transformers import PretrainedConfig
+
+    folders = [str(tmp_path / f"task{t}") for t in range(3)]
+    for t, f in enumerate(folders):
+        write_original_llava(f, t, torch.float32)
+    out = tmp_path / "same"
+    merged = rk.merge(folders, out=str(out))
+    assert (out / "config.json").read_bytes() == (tmp_path / "task0" / "config.json").read_bytes()
+    assert merged.report.model_config == {"file": "config.json", "from": f"#0 ({folders[0]})"}
+    loaded = PretrainedConfig.from_pretrained(str(out))  # as LlavaConfig (a LlamaConfig) reads it
+    assert loaded.mm_projector_type == "mlp2x_gelu" and loaded.architectures == ["LlavaLlamaForCausalLM"]
+    record = json.loads((out / "robustmerge.json").read_text())
+    assert "config.json" in record["inputs"][1]["sha256"] and record["model_config"]["from"] == merged.report.model_config["from"]
+    # a merged folder is a valid input again, config.json and all
+    again = rk.merge([str(out), folders[1]], out=str(tmp_path / "again"))
+    assert again.report.model_config["from"].startswith("#0") and "differs" not in again.report.model_config
+
+    write_original_llava(folders[2], 2, torch.float32, config_json=llava_config_json(image_aspect_ratio="square"))
+    out = tmp_path / "different"
+    capsys.readouterr()
+    assert main(["merge", *folders, "-o", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "config.json").read_bytes() == (tmp_path / "task0" / "config.json").read_bytes()
+    record = json.loads((out / "robustmerge.json").read_text())
+    assert record["model_config"]["differs"] == [f"#2 ({folders[2]})"]
+    assert record["model_config"]["differing_keys"] == ["image_aspect_ratio"]
+    assert "config.json written from #0" in printed and "image_aspect_ratio" in printed
+
+    # folders without config.json (plain PEFT adapters) write none
+    for f in folders:
+        os.remove(os.path.join(f, "config.json"))
+    rk.merge(folders, out=str(tmp_path / "none"))
+    assert not (tmp_path / "none" / "config.json").exists()
+    bad = tmp_path / "task0" / "config.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(rk.AdapterError, match="config.json is not a JSON object") as info:
+        rk.merge(folders, out=str(tmp_path / "bad"))
+    assert info.value.adapter == f"#0 ({folders[0]})" and not (tmp_path / "bad").exists()

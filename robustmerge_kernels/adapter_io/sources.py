@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError
-from .names import BIN_NAME, CONFIG_NAME, INDEX_NAME, NON_LORA_NAME, SAFETENSORS_NAME
+from .names import BIN_NAME, CONFIG_NAME, INDEX_NAME, MODEL_CONFIG_NAME, NON_LORA_NAME, SAFETENSORS_NAME
 from .safetensors_io import SafetensorsFile
 
 
@@ -193,6 +193,8 @@ def open_adapter(obj: Any, index: int) -> AdapterSource:
         if os.path.isfile(non_lora):
             _attach_non_lora(source, _from_state_dict(_load_bin(non_lora, label), None, label))
             source.files.append(non_lora)
+        if os.path.isfile(os.path.join(folder, MODEL_CONFIG_NAME)):  # carried into the output: hash it too
+            source.files.append(os.path.join(folder, MODEL_CONFIG_NAME))
         return source
     label = f"#{index}"
     if hasattr(obj, "peft_config") and hasattr(obj, "state_dict"):  # a live PeftModel
