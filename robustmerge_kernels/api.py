@@ -63,6 +63,7 @@ class MergeReport:
     averaged_tensors: int = 0
     output_dtypes: dict[str, str] = field(default_factory=dict)  # "lora_factors"/"averaged" -> dtype
     model_config: dict[str, Any] = field(default_factory=dict)  # config.json carried over (LLaVA folders)
+    layout: str | None = None  # LLaVA layout of every output key: original, hf, hf_legacy (None: no LLaVA names)
 
     def summary(self) -> str:
         line = (
@@ -265,5 +266,6 @@ def _report(run: Run, method: str, merged: MergedAdapter, model_config: ModelCon
         },
         averaged_tensors=len(plan.means),
         output_dtypes=plan.output_dtypes(),
+        layout=plan.layout,
         model_config=model_config.summary() if model_config is not None else {},
     )

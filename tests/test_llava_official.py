@@ -9,6 +9,7 @@ official merge loop's formula (AuroraZengfh/RobustMerge, llava/model/builder.py,
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -170,3 +171,74 @@ def test_config_json_round_trips(tmp_path, capsys):
     with pytest.raises(rk.AdapterError, match="config.json is not a JSON object") as info:
         rk.merge(folders, out=str(tmp_path / "bad"))
     assert info.value.adapter == f"#0 ({folders[0]})" and not (tmp_path / "bad").exists()
+
+
+def _tiny_llava_adapters(tmp_path):
+    """One Hugging Face LLaVA adapter (o_proj) and one original-LLaVA folder (o_proj and
+    gate_proj, projector in non_lora_trainables.bin) for the same tiny LlavaForConditionalGeneration."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from test_formats import tiny_llava
+
+    base = tiny_llava()
+    torch.manual_seed(1)
+    hf = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], init_lora_weights=False))
+    hf.save_pretrained(str(tmp_path / "hf"))
+    torch.manual_seed(2)
+    targets = ["o_proj", "gate_proj"]  # the language model's only: CLIP has neither
+    orig = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    folder = tmp_path / "orig"
+    folder.mkdir()
+    state = {k.replace("model.language_model.", "model."): v for k, v in get_peft_model_state_dict(orig).items()}
+    torch.save(state, folder / "adapter_model.bin")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": targets}))
+    own = base.model.multi_modal_projector.state_dict()
+    projector = {f"{PROJ}.{ {'linear_1': 0, 'linear_2': 2}[k.split('.')[0]] }.{k.split('.')[1]}": torch.randn_like(v) for k, v in own.items()}
+    torch.save(projector, folder / "non_lora_trainables.bin")
+    return base, str(tmp_path / "hf"), str(folder), projector
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return {name: layer for name, layer in model.named_modules() if isinstance(layer, LoraLayer)}
+
+
+def test_mixed_layouts_write_one_layout_that_loads(tmp_path):
+    """An HF-layout adapter lacking gate_proj merged with an original-layout one that has it:
+    every output key in the first adapter's layout (the projector too), and every LoRA
+    module of the loaded model non-zero (gate_proj once landed under an original name and
+    stayed zero in PEFT)."""
+    from peft import PeftModel
+
+    from robustmerge_kernels.adapter_io.keys import layout_of
+    from robustmerge_kernels.eval.model import attach_adapter
+
+    base, hf, orig, projector = _tiny_llava_adapters(tmp_path)
+    out = tmp_path / "hf_first"
+    merged = rk.merge([hf, orig], out=str(out))
+    assert merged.report.layout == "hf" and len(merged.report.partial_modules) == 2  # gate_proj, 2 layers
+    written = load_file(str(out / "adapter_model.safetensors"))
+    assert {layout_of(k) for k in written} == {"hf"} and not (out / "non_lora_trainables.bin").exists()
+    assert sum("gate_proj" in k for k in written) == 4 and sum("multi_modal_projector" in k for k in written) == 4
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(out))
+    layers = _lora_layers(loaded)
+    assert len(layers) == 4 and all("language_model" in name for name in layers)
+    for name, layer in layers.items():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert a.abs().sum() > 0 and b.abs().sum() > 0, name
+        key = name.removeprefix("base_model.model.")
+        assert torch.equal(a, written[f"base_model.model.{key}.lora_A.weight"]), name
+    # the projector (carried by one adapter: its mean is itself) is loaded into the model by PEFT
+    assert torch.equal(loaded.base_model.model.model.multi_modal_projector.linear_1.weight, projector[f"{PROJ}.0.weight"])
+
+    out = tmp_path / "original_first"
+    merged = rk.merge([orig, hf], out=str(out))
+    assert merged.report.layout == "original"
+    written = load_file(str(out / "adapter_model.safetensors"))
+    extra = torch.load(out / "non_lora_trainables.bin", weights_only=True)
+    assert {layout_of(k) for k in [*written, *extra]} == {"original"} and set(extra) == set(projector)
+    model = attach_adapter(copy.deepcopy(base), str(out), merge=False)  # the original-layout loader
+    layers = _lora_layers(model)
+    assert len(layers) == 4
+    for name, layer in layers.items():
+        assert layer.lora_A["default"].weight.abs().sum() > 0 and layer.lora_B["default"].weight.abs().sum() > 0, name
