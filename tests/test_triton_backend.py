@@ -250,7 +250,7 @@ def test_api_names_non_finite_tensor_and_overflow(triton_serves_cpu):
     sd, config = lora_pair(0, dtype=torch.float16)
     sd["base_model.model.layers.0.q.lora_B.weight"].fill_(3e4)
     with pytest.raises(rk.AdapterError, match="overflow the output dtype torch.float16"):
-        rk.merge([(sd, config), (sd, config)], backend="triton", density=1.0, lam=3.0)
+        rk.merge([(sd, config), (sd, config)], backend="triton", density=1.0, lam=3.0, dtype="fp16")
 
 
 def test_registered_for_cuda_and_unavailable_without_gpu_or_interpreter(monkeypatch):
