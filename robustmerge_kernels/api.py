@@ -15,6 +15,8 @@ from typing import Any, Union
 import torch
 
 from . import methods as _methods
+from .adapter_io.model_config import ModelConfig, choose_model_config, write_model_config
+from .adapter_io.names import MODEL_CONFIG_NAME
 from .adapter_io.record import InputHashes, build_record
 from .adapter_io import hub
 from .adapter_io.sources import AdapterSource, is_peft_model, open_adapter, open_peft_adapter
@@ -62,6 +64,9 @@ class MergeReport:
     hyperparameters: dict[str, float]
     partial_modules: dict[str, list[str]] = field(default_factory=dict)  # module -> adapters lacking it
     averaged_tensors: int = 0
+    output_dtypes: dict[str, str] = field(default_factory=dict)  # "lora_factors"/"averaged" -> dtype
+    model_config: dict[str, Any] = field(default_factory=dict)  # config.json carried over (LLaVA folders)
+    layout: str | None = None  # LLaVA layout of every output key: original, hf, hf_legacy (None: no LLaVA names)
 
     def summary(self) -> str:
         line = (
@@ -72,6 +77,10 @@ class MergeReport:
             line += f", {self.averaged_tensors} non-LoRA tensors averaged"
         if self.partial_modules:
             line += f", {len(self.partial_modules)} modules missing from some adapters"
+        if self.model_config.get("differs"):
+            line += f", config.json from {self.model_config['from']} (differs in {', '.join(self.model_config['differs'])})"
+        if self.output_dtypes.get("lora_factors"):
+            line += f", written as {self.output_dtypes['lora_factors']}"
         return line
 
 
@@ -144,7 +153,10 @@ def merge(
             ``$ROBUSTMERGE_BACKEND`` overrides it), ``"cpu"``, ``"cuda"``, ``"triton"`` or
             ``"reference"``. Used by RobustMerge only; baselines run on torch.
         out: write the result there as a PEFT adapter folder, atomically.
-        dtype: output dtype (``"fp32"``, ``"bf16"``, a ``torch.dtype``); default: the inputs'.
+        dtype: output dtype of every tensor (``"fp32"``, ``"bf16"``, a ``torch.dtype``). Default:
+            LoRA factors of float16/bfloat16 inputs in float32 (as the official RobustMerge
+            code), of float32/float64 inputs in their dtype; averaged non-LoRA tensors (the
+            projector) in their first carrier's dtype.
         overwrite: replace an existing ``out``.
         progress: show a progress bar over modules.
         group_bytes: input bytes handed to the backend at once (default 256 MB in memory,
@@ -213,6 +225,7 @@ def merge(
         for i, a in enumerate(adapters):
             sources.append(a if isinstance(a, AdapterSource) else open_adapter(a, i))
         plan = build_plan(sources, out_dtype)
+        model_config = choose_model_config(sources)
         if out is not None and plan.out_config is None:
             raise AdapterError("cannot write a PEFT folder: no adapter came with a LoRA config; pass (state_dict, config)")
         device = merge_device(sources, plan) if ranks is None else ranks.device
@@ -220,7 +233,7 @@ def merge(
         if ranks is not None:
             share = _dist.share_of(plan, ranks)
             run = RobustMergeRun(plan, sources, params, backend, device, progress, group_bytes, (share.modules, share.means))
-            merged = _write_distributed(run, method, out, overwrite, keep_in_memory, ranks, share)
+            merged = _write_distributed(run, method, out, overwrite, keep_in_memory, ranks, share, model_config)
         else:
             if isinstance(params, RobustMergeParams):
                 run = RobustMergeRun(plan, sources, params, backend, device, progress, group_bytes)
@@ -228,9 +241,9 @@ def merge(
                 run = BaselineRun(plan, sources, method, params, device, progress)
             if out is None:
                 merged = _produce(run)
-                merged.report = _report(run, method, merged)
+                merged.report = _report(run, method, merged, model_config)
             else:
-                merged = _write(run, method, out, overwrite, shard_bytes, keep_in_memory, push_to_hub)
+                merged = _write(run, method, out, overwrite, shard_bytes, keep_in_memory, model_config, push_to_hub)
     finally:
         for source in sources:
             source.close()
@@ -252,6 +265,7 @@ def _write(
     overwrite: bool,
     shard_bytes: int | None,
     keep: bool,
+    model_config: ModelConfig | None = None,
     push_to_hub: str | None = None,
 ) -> MergedAdapter:
     """Merge into a staged folder and rename it into place; the record hashes the inputs on
@@ -265,10 +279,12 @@ def _write(
             else:
                 merged = _produce(run)
                 staged.write_tensors({k: v for k, v in merged.items() if k not in merged.files}, shard_bytes)
-            merged.report = _report(run, method, merged)
+            merged.report = _report(run, method, merged, model_config)
             report = {k: v for k, v in asdict(merged.report).items() if k not in ("seconds", "adapters")}
             record = build_record(run.sources, hashes.result(), report)
             finish_adapter(staged, merged, merged.files, merged.config, record)
+            if model_config is not None:  # LLaVA's load_pretrained_model reads it from the folder
+                write_model_config(staged.path(MODEL_CONFIG_NAME), model_config)
             if push_to_hub is not None:  # the card is part of the folder before it appears
                 staged.write_text(hub.CARD_NAME, hub.model_card(push_to_hub, record))
             path = staged.commit()
@@ -291,7 +307,7 @@ def _named_adapters(model: Any, names: Sequence[str]) -> list[AdapterSource]:
     return [open_peft_adapter(model, name, f"#{i} ({name})") for i, name in enumerate(names)]
 
 
-def _report(run: Run, method: str, merged: MergedAdapter) -> MergeReport:
+def _report(run: Run, method: str, merged: MergedAdapter, model_config: ModelConfig | None = None) -> MergeReport:
     plan: MergePlan = run.plan
     return MergeReport(
         method=method,
@@ -306,11 +322,21 @@ def _report(run: Run, method: str, merged: MergedAdapter) -> MergeReport:
             m.name: [s.label for t, s in enumerate(run.sources) if t not in m.members] for m in plan.partial_modules()
         },
         averaged_tensors=len(plan.means),
+        output_dtypes=plan.output_dtypes(),
+        layout=plan.layout,
+        model_config=model_config.summary() if model_config is not None else {},
     )
 
 
 def _write_distributed(
-    run: RobustMergeRun, method: str, out: str | os.PathLike[str], overwrite: bool, keep: bool, ranks, share
+    run: RobustMergeRun,
+    method: str,
+    out: str | os.PathLike[str],
+    overwrite: bool,
+    keep: bool,
+    ranks,
+    share,
+    model_config: ModelConfig | None = None,
 ) -> MergedAdapter:
     """This rank's part of a distributed merge into one file (robustmerge_kernels.distributed):
     rank 0 stages the folder and the pre-sized file, every rank writes its share into it and
@@ -350,7 +376,7 @@ def _write_distributed(
             raise local
         if error is not None:
             raise AdapterError(f"distributed merge failed ({error}); nothing was written")
-        merged.report = _report(run, method, merged)
+        merged.report = _report(run, method, merged, model_config)
         all_hashes: dict[int, dict[str, str]] = {}
         for part in _dist.all_gather(hashes.result()):
             all_hashes.update(part)
@@ -361,6 +387,8 @@ def _write_distributed(
                 report["ranks"] = ranks.world
                 record = build_record(run.sources, [all_hashes[t] for t in range(len(run.sources))], report)
                 finish_adapter(staged, merged, merged.files, merged.config, record)
+                if model_config is not None:
+                    write_model_config(staged.path(MODEL_CONFIG_NAME), model_config)
                 staged.commit()
             except BaseException as exc:
                 commit_error = f"rank 0: {exc!r}"

@@ -55,6 +55,10 @@ def _merge_and_report(args: argparse.Namespace, world: int) -> int:
     print(f"{report.summary()} -> {args.output}" + (f" ({world} ranks)" if world > 1 else ""))
     for module, missing in report.partial_modules.items():
         print(f"  note: {module} merged without {', '.join(missing)} (absent there)")
+    config = report.model_config
+    if config.get("differs"):
+        print(f"  note: config.json written from {config['from']}; it differs in {', '.join(config['differs'])} "
+              f"(keys: {', '.join(config['differing_keys'])})")  # fmt: skip
     return 0
 
 
@@ -88,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--clamp-quantile", type=float, default=0.8, help="lower clamp of A-row scales (default 0.8)")
     m.add_argument("--lam", type=float, default=2.0, help="fusion weight on merged A and B (default 2.0)")
     m.add_argument("--backend", default="auto", help="auto (default; $ROBUSTMERGE_BACKEND overrides), reference")
-    m.add_argument("--dtype", default=None, help="output dtype (default: the inputs'): fp32, fp16, bf16")
+    m.add_argument("--dtype", default=None, help="output dtype of every tensor: fp32, fp16, bf16 (default: "
+                   "LoRA factors of fp16/bf16 inputs in fp32, as the official RobustMerge code; fp32/fp64 inputs "
+                   "and averaged non-LoRA tensors keep their dtype)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--max-shard-size", default=None, help="split weights into indexed shards above this (e.g. 5GB); "
                    "peft 0.21 loads only unsharded adapters, so the default is one file")  # fmt: skip

@@ -26,3 +26,19 @@ def parse_dtype(dtype: str | torch.dtype | None, what: str = "output dtype") -> 
     if key not in DTYPE_NAMES:
         raise AdapterError(f"unknown {what} {dtype!r}; use one of {', '.join(sorted(DTYPE_NAMES))}")
     return DTYPE_NAMES[key]
+
+
+# LoRA factors of half-precision inputs are written in float32 by default: the official
+# RobustMerge merge loop (builder.py, load_and_merge_pretrained_model) promotes them to
+# float32 through its float32 fusion weights, and rounding the merged factors back to
+# 8 or 11 mantissa bits would throw away the accuracy of the float32 accumulation.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def default_factor_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """Output dtype of a merged LoRA factor when ``dtype=`` is not given."""
+    return torch.float32 if input_dtype in HALF_DTYPES else input_dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -17,8 +17,13 @@ from typing import Any
 
 import torch
 
+from .dtypes import default_factor_dtype, dtype_name
 from .errors import AdapterError
-from .adapter_io.keys import FactorKey, canonical_name, parse_factor, unsupported_lora_part
+from .adapter_io.keys import (
+    ORIGINAL_LAYOUT, ORIGINAL_PROJECTOR, PEFT_PREFIX, FactorKey, canonical_name, layout_of, output_name, parse_factor,
+    unsupported_lora_part,
+)  # fmt: skip
+from .adapter_io.names import NON_LORA_NAME
 from .adapter_io.scaling import ScalingRule, check_config
 from .adapter_io.sources import AdapterSource
 
@@ -39,7 +44,7 @@ class ModulePlan:
     a_keys: tuple[str, ...]  # per member, the key in that adapter's source
     b_keys: tuple[str, ...]
     b_scale: tuple[float, ...]  # per member: its scaling / the output scaling
-    out_dtype: torch.dtype
+    out_dtype: torch.dtype  # dtype=, else the first carrier's (float32 for fp16/bf16)
     nbytes_in: int  # bytes of all members' A and B
 
     @property
@@ -65,6 +70,7 @@ class MergePlan:
     modules: list[ModulePlan]
     means: list[MeanPlan]
     out_config: dict[str, Any] | None
+    layout: str | None = None  # the LLaVA layout every output key is spelled in (keys.py)
 
     def bytes_in(self) -> int:
         return sum(m.nbytes_in for m in self.modules)
@@ -72,6 +78,18 @@ class MergePlan:
     def partial_modules(self) -> list[ModulePlan]:
         """Modules that some adapters do not carry (merged over those that do)."""
         return [m for m in self.modules if len(m.members) < len(self.sources)]
+
+    def output_dtypes(self) -> dict[str, str]:
+        """The dtype(s) written, for the report and robustmerge.json: LoRA factors and
+        averaged non-LoRA tensors (several dtypes, when modules differ, comma-joined)."""
+
+        def names(dtypes):
+            return ",".join(dict.fromkeys(dtype_name(d) for d in dtypes))
+
+        out = {"lora_factors": names(m.out_dtype for m in self.modules)}
+        if self.means:
+            out["averaged"] = names(m.out_dtype for m in self.means)
+        return out
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -164,19 +182,34 @@ def build_plan(sources: list[AdapterSource], dtype: torch.dtype | None = None) -
                     )
             module_members.setdefault(module, []).append(t)
 
+    layout = output_layout(sources)
     rules = None
     if out_config is not None:
         rules = [ScalingRule(s.config) for s in sources], ScalingRule(out_config)
     modules = [
-        _plan_module(name, members, sources, [per_source[t][0][name] for t in members], rules, dtype)
+        _plan_module(name, members, sources, [per_source[t][0][name] for t in members], rules, dtype, layout)
         for name, members in module_members.items()
     ]
-    means = _plan_means(sources, [others for _, others in per_source], dtype)
-    return MergePlan(sources, modules, means, out_config)
+    means = _plan_means(sources, [others for _, others in per_source], dtype, layout)
+    return MergePlan(sources, modules, means, out_config, layout)
 
 
-def _plan_module(name, members, sources, slots, rules, dtype) -> ModulePlan:
+def output_layout(sources: list[AdapterSource]) -> str | None:
+    """The first adapter's LLaVA layout (the first that has a layout name, in input order):
+    every output key is spelled in it, so a module that only a later adapter of another
+    layout carries does not land under a name the loader of the output does not know."""
+    for source in sources:
+        for key in source.keys():
+            layout = layout_of(key)
+            if layout is not None:
+                return layout
+    return None
+
+
+def _plan_module(name, members, sources, slots, rules, dtype, layout) -> ModulePlan:
     ref = None  # (label, A shape, B shape) of the first member
+    first_spelling = slots[0]["A"][1]
+    out_module = output_name(name, first_spelling.module, layout)  # one layout for every output key
     a_keys, b_keys, scales = [], [], []
     nbytes = 0
     for t, slot in zip(members, slots):
@@ -210,17 +243,16 @@ def _plan_module(name, members, sources, slots, rules, dtype) -> ModulePlan:
             r_t, _, s_t = rules[0][t](own)
             if r_t != sa[0]:
                 raise AdapterError(f"config says r={r_t} for module {own!r} but lora_A has {sa[0]} rows", src.label, ka)
-            scale = s_t / rules[1](slots[0]["A"][1].module)[2]
+            scale = s_t / rules[1](out_module)[2]  # the output config's patterns match output names
         nbytes += _nbytes(sa, src.dtype(ka)) + _nbytes(sb, src.dtype(kb))
         a_keys.append(ka)
         b_keys.append(kb)
         scales.append(scale)
     first = sources[members[0]]
-    parsed = slots[0]["A"][1]  # the output is named as the first adapter names it
     return ModulePlan(
-        name=parsed.module,
-        a_key=parsed.saved_key(),
-        b_key=FactorKey(parsed.module, "B", parsed.embedding).saved_key(),
+        name=out_module,
+        a_key=FactorKey(out_module, "A", first_spelling.embedding).saved_key(),
+        b_key=FactorKey(out_module, "B", first_spelling.embedding).saved_key(),
         rank=ref[1][0],
         in_features=ref[1][1],
         out_features=ref[2][0],
@@ -228,18 +260,31 @@ def _plan_module(name, members, sources, slots, rules, dtype) -> ModulePlan:
         a_keys=tuple(a_keys),
         b_keys=tuple(b_keys),
         b_scale=tuple(scales),
-        out_dtype=dtype or first.dtype(a_keys[0]),
+        out_dtype=dtype or default_factor_dtype(first.dtype(a_keys[0])),
         nbytes_in=nbytes,
     )
 
 
-def _plan_means(sources, others_per_source, dtype) -> list[MeanPlan]:
+def _mean_file(sources, carriers, canonical: str, layout: str | None) -> str | None:
+    """The file an averaged tensor is written to: that of its first carrier spelled in the
+    output layout; when only adapters of other layouts carry it, where the output layout
+    keeps it (original LLaVA: the projector in non_lora_trainables.bin, which its loader
+    reads; Hugging Face: the weights file, which PeftModel.from_pretrained loads)."""
+    for t, key in carriers:
+        if layout is None or layout_of(key) in (None, layout):
+            return sources[t].file_of.get(key)
+    if layout == ORIGINAL_LAYOUT and canonical.removeprefix(PEFT_PREFIX).startswith(ORIGINAL_PROJECTOR):
+        return NON_LORA_NAME
+    return None
+
+
+def _plan_means(sources, others_per_source, dtype, layout) -> list[MeanPlan]:
     members: dict[str, list[tuple[int, str]]] = {}
     for t, others in enumerate(others_per_source):
         for canonical, key in others.items():
             members.setdefault(canonical, []).append((t, key))
     means = []
-    for carriers in members.values():
+    for canonical, carriers in members.items():
         t0, k0 = carriers[0]
         first = sources[t0]
         for t, key in carriers:
@@ -253,12 +298,12 @@ def _plan_means(sources, others_per_source, dtype) -> list[MeanPlan]:
                 )
         means.append(
             MeanPlan(
-                key=k0,
+                key=output_name(canonical, k0, layout),
                 shape=first.shape(k0),
                 members=tuple(t for t, _ in carriers),
                 keys=tuple(k for _, k in carriers),
-                out_dtype=dtype or first.dtype(k0),
-                file=first.file_of.get(k0),
+                out_dtype=dtype or first.dtype(k0),  # as the official code: the inputs' dtype
+                file=_mean_file(sources, carriers, canonical, layout),
             )
         )
     return means

@@ -148,11 +148,28 @@ def test_adapter_name_inside_keys_and_embedding_factors():
         assert_close_to_exact(merged[key], want.double(), torch.float32, float(want.abs().max()), 2.0, key)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_output_dtype_defaults_to_input_and_can_be_chosen(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_output_dtype_defaults_and_can_be_chosen(dtype):
+    """LoRA factors of fp16/bf16 inputs default to float32 (as the official code writes
+    them); averaged non-LoRA tensors keep their dtype; dtype= sets every tensor."""
     pairs = [lora_pair(i, dtype=dtype) for i in range(3)]
-    assert all(v.dtype == dtype for v in rk.merge(pairs).values())
-    assert all(v.dtype == torch.float32 for v in rk.merge(pairs, dtype="fp32").values())
+    for sd, _ in pairs:
+        sd["base_model.model.model.mm_projector.0.bias"] = torch.randn(6).to(dtype)
+    factors = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    merged = rk.merge(pairs)
+    assert {k: v.dtype for k, v in merged.items() if "lora_" in k} == dict.fromkeys(
+        (k for k in merged if "lora_" in k), factors
+    )
+    assert merged["base_model.model.model.mm_projector.0.bias"].dtype == dtype
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
+    assert merged.report.output_dtypes == {"lora_factors": names[factors], "averaged": names[dtype]}
+    chosen = rk.merge(pairs, dtype="bf16")
+    assert all(v.dtype == torch.bfloat16 for v in chosen.values())
+    assert chosen.report.output_dtypes == {"lora_factors": "bfloat16", "averaged": "bfloat16"}
+    # the half-precision default is the float32 computation itself, not a rounded copy
+    if dtype in (torch.bfloat16, torch.float16):
+        up = rk.merge([({k: v.float() for k, v in sd.items()}, cfg) for sd, cfg in pairs])
+        assert all(torch.equal(merged[k], up[k]) for k in merged if "lora_" in k)
 
 
 def test_merged_bf16_adapter_loads_in_peft(tmp_path):
@@ -163,7 +180,7 @@ def test_merged_bf16_adapter_loads_in_peft(tmp_path):
         sd = train_adapter(base, seed, steps=2, target_modules=["q_proj"])
         pairs.append(({k: v.bfloat16() for k, v in get_peft_model_state_dict(sd).items()}, config))
     out = tmp_path / "bf16"
-    merged = rk.merge(pairs, out=str(out))
+    merged = rk.merge(pairs, out=str(out), dtype="bf16")  # half-precision output is opt-in (default: fp32)
     assert merged.keys() == pairs[0][0].keys() and all(v.dtype == torch.bfloat16 for v in merged.values())
     stored = load_file(str(out / "adapter_model.safetensors"))
     assert stored.keys() == merged.keys() and all(torch.equal(stored[k], merged[k]) for k in merged)

@@ -210,8 +210,10 @@ def test_output_overflowing_its_dtype_is_refused(tmp_path):
     """Finite fp16 inputs whose merge exceeds 65504 would silently become inf: refused."""
     sd, config = lora_pair(0, dtype=torch.float16)
     sd["base_model.model.layers.0.q.lora_A.weight"].fill_(6e4)
-    _merge_expecting([(sd, config), (sd, config)], tmp_path, "q.lora_A.weight", "overflow the output dtype torch.float16")
-    assert torch.isfinite(rk.merge([(sd, config), (sd, config)], dtype="fp32")["base_model.model.layers.0.q.lora_A.weight"]).all()
+    _merge_expecting([(sd, config), (sd, config)], tmp_path, "q.lora_A.weight", "overflow the output dtype torch.float16",
+                     dtype="fp16")  # fmt: skip
+    default = rk.merge([(sd, config), (sd, config)])["base_model.model.layers.0.q.lora_A.weight"]  # float32 output
+    assert default.dtype == torch.float32 and torch.isfinite(default).all()
 
 
 def test_legacy_bin_format_is_read(adapter_dirs, tmp_path):

@@ -200,7 +200,9 @@ def test_output_overflow_refused_through_merge_naming_the_tensor(backend):
     sd["base_model.model.layers.0.q.lora_B.weight"].fill_(3e4)
     with pytest.raises(rk.AdapterError, match="overflow the output dtype torch.float16") as info:
         # B*: lam * weighted mean of 3e4 overflows fp16
-        rk.merge(backend.pairs([(sd, config), (sd, config)]), backend=backend.name, density=1.0, lam=3.0)
+        rk.merge(
+            backend.pairs([(sd, config), (sd, config)]), backend=backend.name, density=1.0, lam=3.0, dtype="fp16"
+        )
     assert info.value.tensor == "base_model.model.layers.0.q.lora_B.weight"
 
 

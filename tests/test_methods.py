@@ -213,11 +213,13 @@ def test_svd_equals_dense_float64_svd_and_cat_is_exact(shape):
 def test_half_precision_inputs_are_computed_in_float32(dtype, method):
     ads = _random_adapters(3, 4, 24, 20, dtype=dtype)
     up = [({k: v.float() for k, v in sd.items()}, cfg) for sd, cfg in ads]
-    out = rk.merge(ads, method=method, density=0.5)
+    out = rk.merge(ads, method=method, density=0.5, dtype=dtype)  # half output, chosen
     ref = rk.merge(up, method=method, density=0.5)
+    default = rk.merge(ads, method=method, density=0.5)  # float32 output by default
     for key, value in out.items():
-        assert value.dtype == dtype
+        assert value.dtype == dtype and default[key].dtype == torch.float32
         torch.testing.assert_close(value, ref[key].to(dtype), rtol=0, atol=0)
+        torch.testing.assert_close(default[key], ref[key], rtol=0, atol=0)
 
 
 def test_written_adapters_load_in_peft_with_scaling_one(base_model, four_dirs, tmp_path):
@@ -409,3 +411,33 @@ def test_merge_module_functional_api():
     b = [torch.randn(6, 4) for _ in range(3)]
     A, B = merge_module("cat", a, b, [2.0] * 3, [1.0] * 3, MethodOptions(), 12)
     torch.testing.assert_close(B @ A, sum(2.0 * y @ x for x, y in zip(a, b)))
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_linear"])
+def test_single_adapter_still_prunes_where_peft_switches_to_linear(base_model, adapter_dirs, method):
+    """PEFT's add_weighted_adapter turns every combination_type into "linear" for one
+    adapter (peft/tuners/lora/model.py); ours keeps the method: ties/magnitude_prune prune
+    to the density, dare drops and rescales. Kept on purpose (a one-adapter merge is how a
+    pruned adapter is made), stated in README."""
+    one = adapter_dirs[:1]
+    peft = peft_merge(base_model, one, [0.7], method, density=0.3)
+    linear = rk.merge(one, method="linear", weights=[0.7])
+    ours = rk.merge(one, method=method, weights=[0.7], density=0.3)
+    num = den = 0.0
+    for module, (a, b, scaling) in peft.items():
+        la, lb = _ours(linear, module)
+        torch.testing.assert_close(la, a, rtol=1e-6, atol=1e-7)  # PEFT's result is linear's
+        torch.testing.assert_close(lb, b, rtol=1e-6, atol=1e-7)
+        oa, ob = _ours(ours, module)
+        if method == "dare_linear":  # dropped entries zero, kept ones rescaled by 1/density
+            for x, lx in ((oa, la), (ob, lb)):
+                kept = x != 0
+                assert 0 < kept.float().mean() < 0.6
+                torch.testing.assert_close(x[kept], lx[kept] / 0.3, rtol=1e-6, atol=0)
+        else:  # the top 30% of each factor by magnitude, the rest zero
+            for x, lx in ((oa, la), (ob, lb)):
+                keep = lx.abs() >= lx.abs().flatten().topk(int(0.3 * lx.numel())).values[-1]
+                torch.testing.assert_close(x, lx * keep, rtol=1e-6, atol=0)
+        num += float((ob @ oa - b @ a).norm() ** 2)
+        den += float((b @ a).norm() ** 2)
+    assert math.sqrt(num / den) > 0.3  # far from PEFT's (linear) result

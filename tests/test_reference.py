@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import robustmerge_kernels
 from robustmerge_kernels import reference
+from robustmerge_kernels.dtypes import default_factor_dtype
 from robustmerge_kernels.params import RobustMergeParams
 
 try:  # tests/ may or may not be a package, depending on what else lives there
@@ -376,13 +377,15 @@ def test_trained_adapters_end_to_end(trained, dtype):
         b = [sd[kb] for sd in sds]
         exp = _oracle.robustmerge(a, b, 0.2, 0.8, 2.0, b_scale)
         # exact masks (merge() does not return them; the reference on the same inputs does)
-        res = reference.robustmerge_module(a, b, RobustMergeParams(), b_scale)
+        # fp16/bf16 inputs: float32 factors by default (the official code's output dtype)
+        out_dtype = default_factor_dtype(dtype)
+        res = reference.robustmerge_module(a, b, RobustMergeParams(), b_scale, out_dtype)
         assert torch.equal(res.mask_a, exp.mask_a), mod
         assert torch.equal(res.mask_b, exp.mask_b), mod
         assert_scales_close(res.scales, exp.scales, dtype)
         assert torch.equal(merged[ka], res.a) and torch.equal(merged[kb], res.b), mod
-        assert_close_to_exact(merged[ka], exp.a, dtype, data_scale(a, 2.0), what=f"{mod} A")
-        assert_close_to_exact(merged[kb], exp.b, dtype, data_scale(b, 2.0, b_scale), what=f"{mod} B")
+        assert_close_to_exact(merged[ka], exp.a, out_dtype, data_scale(a, 2.0), what=f"{mod} A")
+        assert_close_to_exact(merged[kb], exp.b, out_dtype, data_scale(b, 2.0, b_scale), what=f"{mod} B")
 
 
 def test_trained_adapters_pair_by_name_not_order(trained):

@@ -7,6 +7,7 @@ sources.py         user inputs -> AdapterSource (lazy, header-only until read)
 safetensors_io.py  the safetensors format: positional reader, streaming writer, dtype table
 writer.py          StagedAdapter: a hidden folder renamed into place when complete
 record.py          robustmerge.json: inputs with sha256, method, hyper-parameters
+model_config.py    config.json (LLaVA's model config) carried from the inputs to the output
 names.py           the file names of an adapter folder
 """
 

@@ -92,3 +92,56 @@ def canonical_name(name: str) -> str:
     for pattern, repl in _LAYOUT_REWRITES:
         rest = pattern.sub(repl, rest, count=1)
     return prefix + rest[:-1]
+
+
+# The same table, read the other way: the output of a merge is spelled in one layout
+# (the first adapter's), whichever layouts its inputs came in. Per layout: the prefix of
+# the decoder's children and of the projector's layers.
+ORIGINAL_LAYOUT, HF_LAYOUT, HF_LEGACY_LAYOUT = "original", "hf", "hf_legacy"
+_LM_PREFIX = {ORIGINAL_LAYOUT: ORIGINAL_LM_PREFIX, HF_LAYOUT: HF_LM_PREFIXES[0], HF_LEGACY_LAYOUT: HF_LM_PREFIXES[1]}
+_PROJECTOR_PREFIX = {ORIGINAL_LAYOUT: ORIGINAL_PROJECTOR, HF_LAYOUT: f"model.{HF_PROJECTOR}", HF_LEGACY_LAYOUT: HF_PROJECTOR}
+_ORIGINAL_INDEX = {orig: hf for hf, orig in PROJECTOR_LAYERS.items()}  # "0" -> "linear_1"
+# Children of the decoder (LlamaModel) that the layouts place differently; other names
+# under a prefix (the vision tower, which original LLaVA also keeps under model.) are not
+# layout names and are written as the first adapter that has them spells them.
+LM_CHILDREN = ("layers.", "embed_tokens.", "norm.")
+
+
+def _split(name: str) -> tuple[str, str]:
+    prefix = PEFT_PREFIX if name.startswith(PEFT_PREFIX) else ""
+    return prefix, name[len(prefix) :] + "."
+
+
+def layout_of(name: str) -> str | None:
+    """The LLaVA layout a module or tensor name is spelled in (None: not a layout name)."""
+    _, rest = _split(name)
+    for layout in (HF_LAYOUT, HF_LEGACY_LAYOUT, ORIGINAL_LAYOUT):  # most specific prefixes first
+        if any(rest.startswith(_LM_PREFIX[layout] + child) for child in LM_CHILDREN):
+            return layout
+        projector = _PROJECTOR_PREFIX[layout]
+        layers = PROJECTOR_LAYERS.values() if layout == ORIGINAL_LAYOUT else PROJECTOR_LAYERS
+        if any(rest.startswith(f"{projector}{layer}.") for layer in layers):
+            return layout
+    return None
+
+
+def spell(canonical: str, layout: str) -> str:
+    """A canonical (original-layout) name as ``layout`` spells it: the inverse of
+    canonical_name for layout names; any other name is returned unchanged."""
+    prefix, rest = _split(canonical)
+    if rest.startswith(ORIGINAL_PROJECTOR):
+        index, _, tail = rest[len(ORIGINAL_PROJECTOR) :].partition(".")
+        if index in _ORIGINAL_INDEX:
+            layer = index if layout == ORIGINAL_LAYOUT else _ORIGINAL_INDEX[index]
+            rest = f"{_PROJECTOR_PREFIX[layout]}{layer}.{tail}"
+    elif any(rest.startswith(ORIGINAL_LM_PREFIX + child) for child in LM_CHILDREN):
+        rest = _LM_PREFIX[layout] + rest[len(ORIGINAL_LM_PREFIX) :]
+    return prefix + rest[:-1]
+
+
+def output_name(canonical: str, first_spelling: str, layout: str | None) -> str:
+    """The output spelling of a module or tensor: in the output layout when it is a layout
+    name, else as the first adapter that carries it spells it."""
+    if layout is None or layout_of(first_spelling) is None:
+        return first_spelling
+    return spell(canonical, layout)

@@ -6,3 +6,4 @@ INDEX_NAME = "adapter_model.safetensors.index.json"  # sharded weights (Hugging 
 BIN_NAME = "adapter_model.bin"
 NON_LORA_NAME = "non_lora_trainables.bin"  # original LLaVA checkpoints: the mm_projector
 RECORD_NAME = "robustmerge.json"  # this library's merge record
+MODEL_CONFIG_NAME = "config.json"  # original LLaVA LoRA folders: the LlavaConfig, read by load_pretrained_model

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import AdapterError
 from . import hub
-from .names import BIN_NAME, CONFIG_NAME, INDEX_NAME, NON_LORA_NAME, SAFETENSORS_NAME
+from .names import BIN_NAME, CONFIG_NAME, INDEX_NAME, MODEL_CONFIG_NAME, NON_LORA_NAME, SAFETENSORS_NAME
 from .safetensors_io import SafetensorsFile
 
 
@@ -218,6 +218,8 @@ def open_adapter(obj: Any, index: int) -> AdapterSource:
         if os.path.isfile(non_lora):
             _attach_non_lora(source, _from_state_dict(_load_bin(non_lora, label), None, label))
             source.files.append(non_lora)
+        if os.path.isfile(os.path.join(folder, MODEL_CONFIG_NAME)):  # carried into the output: hash it too
+            source.files.append(os.path.join(folder, MODEL_CONFIG_NAME))
         return source
     label = f"#{index}"
     if is_peft_model(obj):  # a live PeftModel: its active adapter
