@@ -173,7 +173,7 @@ def merge(
     out: str | os.PathLike | None = None,
     *,
     dtype: str | torch.dtype | None = None,
-    overwrite: bool = False,
+    overwrite: bool | str = False,
     progress: bool = False,
     group_bytes: int | None = None,
     max_shard_size: int | str | None = None,
@@ -218,8 +218,9 @@ def merge(
         _methods.check_options(method, params, len(adapters))
     out_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    if out is not None:
-        check_destination(out, overwrite)
+    if out is not None:  # overwrite: False, True (an adapter folder) or "force" (any folder)
+        inputs = [a for a in adapters if isinstance(a, (str, os.PathLike))]
+        check_destination(out, bool(overwrite), inputs, force=overwrite == "force")
 
     sources: list[AdapterSource] = []
     try:

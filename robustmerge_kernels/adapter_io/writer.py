@@ -9,6 +9,7 @@ complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError
+from . import destination
+from .destination import check_destination  # noqa: F401  (the API imports it from here)
 from .names import CONFIG_NAME, INDEX_NAME, RECORD_NAME, SAFETENSORS_NAME
 from .safetensors_io import SafetensorsStream
 
@@ -35,19 +38,6 @@ def _shard_files(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -
     n = len(groups)
     name = (lambda i: SAFETENSORS_NAME) if n == 1 else (lambda i: f"adapter_model-{i + 1:05d}-of-{n:05d}.safetensors")
     return {key: name(i) for i, keys in enumerate(groups) for key in keys}
-
-
-def check_destination(out: str, overwrite: bool) -> str:
-    """Refuse early (before any merging) a destination that would fail at the end."""
-    out = os.path.abspath(os.fspath(out))
-    parent = os.path.dirname(out)
-    if os.path.exists(out) and not overwrite:
-        raise AdapterError(f"output {out!r} already exists; pass overwrite=True (--overwrite) to replace it")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise AdapterError(f"output {out!r} exists and is not a folder; refusing to replace it")
-    if not os.path.isdir(parent):
-        raise AdapterError(f"parent folder of output {out!r} does not exist")
-    return out
 
 
 def _json_default(obj: Any) -> Any:
@@ -78,10 +68,24 @@ class StagedAdapter:
     renamed into place by commit(); on any error (leaving the ``with`` block by an
     exception) it is removed and a replaced destination is left as it was."""
 
-    def __init__(self, out: str, overwrite: bool):
-        self.out = check_destination(out, overwrite)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.tmp-", dir=os.path.dirname(self.out))
+    def __init__(self, out: str, overwrite: bool | str):
+        """``overwrite``: False, True (replace an adapter folder) or "force" (any folder)."""
+        self.tmp = None
+        self.overwrite, self.force = bool(overwrite), overwrite == "force"
+        self.out = check_destination(out, self.overwrite, force=self.force)
         self.streams: list[SafetensorsStream] = []
+        parent = os.path.dirname(self.out)
+        destination.recover(self.out)  # an interrupted earlier run: finish it, drop dead leftovers
+        try:
+            self.tmp = tempfile.mkdtemp(prefix=f"{destination.hidden_stem(self.out)}.tmp-", dir=parent)
+        except OSError as exc:
+            raise AdapterError(f"cannot create a folder beside the output {self.out!r}: {exc.strerror}") from exc
+        try:
+            os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get normal permissions
+            destination.write_owner(self.tmp, "tmp")
+        except OSError as exc:
+            self.abort()
+            raise AdapterError(f"cannot write beside the output {self.out!r}: {exc.strerror}") from exc
 
     def path(self, name: str) -> str:
         return os.path.join(self.tmp, name)
@@ -114,35 +118,60 @@ class StagedAdapter:
     def commit(self) -> str:
         for stream in self.streams:
             stream.close()
-        backup = None
-        if os.path.exists(self.out):
-            backup = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.old-", dir=os.path.dirname(self.out))
-            os.rmdir(backup)
-            os.rename(self.out, backup)
-        try:
-            os.rename(self.tmp, self.out)
-        except BaseException:
-            if backup is not None:
-                os.rename(backup, self.out)  # put the user's previous adapter back
-            raise
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        os.remove(self.path(destination.OWNER_NAME))  # the committed folder carries no marker
+        fsync_dir = destination.fsync_dir
+        fsync_dir(self.tmp)
+        if self.overwrite and os.path.lexists(self.out):
+            old = destination.commit_replace(self.tmp, self.out, self.force)
+            shutil.rmtree(old, ignore_errors=True)
+            fsync_dir(os.path.dirname(self.out))
+        else:
+            try:
+                destination.commit_new(self.tmp, self.out)
+            except FileExistsError as exc:
+                raise AdapterError(
+                    f"output {self.out!r} appeared while merging (another merge to the same output?); it was "
+                    "left untouched and this merge's result discarded"
+                ) from exc
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise AdapterError(f"output {self.out!r} appeared while merging; it was left untouched") from exc
+        self.tmp = None
         return self.out
 
     def abort(self) -> None:
         for stream in self.streams:
             try:
                 stream.close()
-            except RuntimeError:
+            except (RuntimeError, OSError):
                 pass
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # ours: made by mkdtemp in __init__
+            self.tmp = None
 
     def __enter__(self) -> StagedAdapter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
+        if exc_type is None:
+            return
+        self.abort()
+        if issubclass(exc_type, OSError):  # ENOSPC, EROFS, EIO while writing: name the output
+            raise AdapterError(f"cannot write the output {self.out!r}: {exc.strerror or exc}") from exc
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask would, briefly, for every thread)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def finish_adapter(staged: StagedAdapter, tensors, files: dict[str, str], config, record) -> None:
