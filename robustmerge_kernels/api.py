@@ -19,7 +19,7 @@ from .params import RobustMergeParams
 from .plan import MergePlan, ModulePlan, build_plan
 from .adapter_io.record import InputHashes, build_record
 from .reference import mean_tensors
-from .adapter_io.sources import AdapterSource, open_adapter
+from .adapter_io.sources import AdapterSource, open_adapter, warn_repeated_folders
 from .adapter_io.writer import StagedAdapter, check_destination, finish_adapter
 
 METHODS = ("robustmerge", *_methods.METHODS)  # baselines: robustmerge_kernels.methods
@@ -226,6 +226,7 @@ def merge(
     try:
         for i, a in enumerate(adapters):
             sources.append(open_adapter(a, i))
+        warn_repeated_folders(sources)
         return _merge_sources(
             sources, method, params, out_dtype, backend, out, overwrite, progress, group_bytes, shard_bytes,
             keep_in_memory, start,
