@@ -18,7 +18,7 @@ from .finite import all_finite
 from .params import RobustMergeParams
 from .plan import MergePlan, ModulePlan, build_plan
 from .adapter_io.record import InputHashes, build_record
-from .reference import mean_tensors
+from .means import mean_of_sources
 from .adapter_io.sources import AdapterSource, open_adapter, warn_repeated_folders
 from .adapter_io.writer import StagedAdapter, check_destination, finish_adapter
 
@@ -39,7 +39,12 @@ _DTYPES = {
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
+        return dtype
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise AdapterError(f"output dtype {dtype} is not a floating-point type this library writes; use "
+                               "float32, float16, bfloat16 or float64")  # fmt: skip
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
@@ -63,7 +68,7 @@ def parse_size(size: int | str | None) -> int | None:
         value = float(number) * _UNITS[unit]
     except (ValueError, KeyError):
         raise AdapterError(f"cannot read size {size!r}; use bytes or e.g. 500MB, 5GB") from None
-    if value < 1:
+    if not math.isfinite(value) or value < 1:
         raise AdapterError(f"max_shard_size must be positive, got {size!r}")
     return int(value)
 
@@ -366,9 +371,8 @@ def _emitter(merged: MergedAdapter, sink=None, keep: bool = True):
 
 def _add_means(emit, plan, sources, device) -> None:
     """SPEC step 5: each non-LoRA tensor, averaged over its carriers, to ``emit``."""
-    for mean in plan.means:
-        values = [_load(sources[t], key, device) for t, key in zip(mean.members, mean.keys)]
-        emit(mean.key, _finite_output(mean.key, mean_tensors(values, mean.out_dtype)), mean.file)
+    for mean in plan.means:  # streamed: one chunk of one adapter's copy at a time
+        emit(mean.key, _finite_output(mean.key, mean_of_sources(mean, sources, device)), mean.file)
 
 
 def _run_baseline(plan, sources, method, options, device, progress) -> MergedAdapter:

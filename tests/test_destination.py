@@ -6,19 +6,21 @@ import contextlib
 import errno
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
-import textwrap
+import threading
 
 import pytest
 from _files import tiny_folder
+import torch
 from safetensors.torch import load_file
 
 import robustmerge_kernels as rk
-from robustmerge_kernels.adapter_io import destination
+from robustmerge_kernels.adapter_io import destination, writer
 from robustmerge_kernels.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -118,69 +120,88 @@ def test_output_that_appears_during_the_merge_is_never_replaced(two, tmp_path, m
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
 
 
-def test_two_concurrent_merges_to_one_output_one_fails(two, tmp_path):
+def test_two_concurrent_merges_to_one_output_one_fails(two, tmp_path, monkeypatch):
     """Both pass the start-up check (the commit is held until both are ready); exactly one
-    wins, the other exits 2, and the winner's adapter is intact."""
-    out, gate = tmp_path / "out", tmp_path / "gate"
-    script = textwrap.dedent(f"""
-        import os, sys, time
-        from robustmerge_kernels.adapter_io import destination
-        real = destination.commit_new
-        def held(tmp, dst):
-            open({str(gate)!r} + str(os.getpid()), "w").close()
-            while len([p for p in os.listdir({str(tmp_path)!r}) if p.startswith("gate")]) < 2:
-                time.sleep(0.01)
-            return real(tmp, dst)
-        destination.commit_new = held
-        from robustmerge_kernels.cli import main
-        sys.exit(main(["merge", *{two!r}, "-o", {str(out)!r}, "-q"]))
-    """)
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    codes = sorted(p.wait(timeout=120) for p in procs)
-    assert codes == [0, 2], [p.stderr.read() for p in procs]
+    wins, the other gets an AdapterError, and the winner's adapter is intact."""
+    out, barrier = tmp_path / "out", threading.Barrier(2, timeout=60)
+    real = destination.commit_new
+
+    def held(tmp, dst):
+        barrier.wait()
+        return real(tmp, dst)
+
+    monkeypatch.setattr(destination, "commit_new", held)
+    results = []
+
+    def run():
+        try:
+            rk.merge(two, out=str(out))
+            results.append("ok")
+        except rk.AdapterError as exc:
+            results.append(str(exc))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(r == "ok" for r in results) == [False, True], results
+    assert "appeared while merging" in next(r for r in results if r != "ok")
     assert len(load_file(str(out / "adapter_model.safetensors"))) == 2
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
 
 
 # ------------------------------------------------------------------ item 3: crash-safe replacement
 
-def _die_at(step: str, out, inputs, no_exchange: bool) -> None:
-    """Run an overwrite in a child that SIGKILLs itself at ``step`` of the commit."""
-    script = textwrap.dedent(f"""
-        import os, shutil, signal
-        from robustmerge_kernels.adapter_io import destination
-        if {no_exchange!r}:
-            destination._renameat2 = None
-        step, calls = {step!r}, []
-        real_rename, real_rmtree = os.rename, shutil.rmtree
-        def rename(src, dst):
-            calls.append(src)
-            if step == "between_renames" and len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_rename(src, dst)
-        def rmtree(path, *a, **k):
-            if step == "before_cleanup":
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_rmtree(path, *a, **k)
-        os.rename, shutil.rmtree = rename, rmtree
-        import robustmerge_kernels as rk
-        rk.merge({inputs!r}, out={str(out)!r}, overwrite=True)
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
-    assert proc.returncode == -9
+class _Killed(Exception):
+    pass
+
+
+def crash_commit(out, tensors, step, no_exchange: bool, nth: int = 1) -> bool:
+    """Stage an adapter for OUT in a forked child and SIGKILL the child at the ``nth`` call
+    of ``step`` during commit (a real kill -9: no cleanup code runs). True if it died."""
+    pid = os.fork()
+    if pid == 0:  # child: no torch compute here (fork-safe), only file operations
+        try:
+            if no_exchange:
+                destination._renameat2 = None
+            calls = [0]
+
+            def die_on(fn):
+                def wrapped(*a, **k):
+                    calls[0] += 1
+                    if calls[0] == nth:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return fn(*a, **k)
+
+                return wrapped
+
+            staged = writer.StagedAdapter(str(out), overwrite=True)
+            staged.write_tensors(tensors)
+            staged.write_json("adapter_config.json", {"peft_type": "LORA", "r": 2, "lora_alpha": 4})
+            module, name = {"rename": (os, "rename"), "rmtree": (shutil, "rmtree"), "rename2": (destination, "rename2"),
+                            "fsync": (os, "fsync"), "remove": (os, "remove")}[step]  # fmt: skip
+            setattr(module, name, die_on(getattr(module, name)))
+            staged.commit()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def _weights(out) -> dict:
+    return load_file(str(out / "adapter_model.safetensors"))
 
 
 def test_crash_between_the_two_renames_is_recovered(two, tmp_path, capsys):
     out = tmp_path / "out"
-    old = rk.merge(two[:1], out=str(out))
-    new = rk.merge(two, out=str(tmp_path / "expected"))
-    _die_at("between_renames", out, two, no_exchange=True)
+    rk.merge(two[:1], out=str(out))
+    new = {"x": torch.arange(3.0)}
+    assert crash_commit(out, new, "rename", no_exchange=True, nth=2)  # after OUT -> .old, before .tmp -> OUT
     assert not out.exists()  # the window the journal exists for
     assert main(["recover", str(out)]) == 0
     assert "finished the interrupted replacement" in capsys.readouterr().out
-    got = load_file(str(out / "adapter_model.safetensors"))
-    assert got.keys() == new.keys() and all((got[k] == new[k]).all() for k in new) and old.keys() == new.keys()
+    assert torch.equal(_weights(out)["x"], new["x"])
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
     assert not (out / destination.OWNER_NAME).exists()
 
@@ -188,9 +209,9 @@ def test_crash_between_the_two_renames_is_recovered(two, tmp_path, capsys):
 def test_next_run_finishes_an_interrupted_replacement(two, tmp_path):
     out = tmp_path / "out"
     rk.merge(two[:1], out=str(out))
-    _die_at("between_renames", out, two, no_exchange=True)
+    assert crash_commit(out, {"x": torch.ones(2)}, "rename", no_exchange=True, nth=2)
     rk.merge(two, out=str(out), overwrite=True)  # recovers first, then replaces
-    assert (out / "adapter_config.json").exists()
+    assert len(_weights(out)) == 2
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
 
 
@@ -198,10 +219,9 @@ def test_next_run_finishes_an_interrupted_replacement(two, tmp_path):
 def test_crash_after_the_swap_leaves_the_new_adapter_and_removable_leftovers(two, tmp_path, no_exchange):
     out = tmp_path / "out"
     rk.merge(two[:1], out=str(out))
-    _die_at("before_cleanup", out, two, no_exchange)
-    assert len(load_file(str(out / "adapter_model.safetensors"))) == 2
-    leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".out.")]
-    assert leftovers  # the old adapter, marked as ours
+    assert crash_commit(out, {"x": torch.ones(2)}, "rmtree", no_exchange)
+    assert list(_weights(out)) == ["x"]
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".out.")]  # the old adapter, marked as ours
     destination.recover(str(out))
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
 

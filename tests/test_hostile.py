@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import textwrap
+import resource
 import threading
 import warnings
 
@@ -18,7 +16,6 @@ from _files import CONFIG, raw_safetensors, tiny_folder, tiny_tensors
 import robustmerge_kernels as rk
 from robustmerge_kernels.adapter_io import safetensors_io
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 A, B = "base_model.model.layers.0.q.lora_A.weight", "base_model.model.layers.0.q.lora_B.weight"
 
 
@@ -227,18 +224,14 @@ def test_same_folder_twice_warns(tmp_path):
 # ------------------------------------------------------------------ item 10: file descriptors
 
 def test_more_adapters_than_file_descriptors(tmp_path):
-    """1,100 adapters under a limit of 256 open files: nothing is held open per adapter."""
-    script = textwrap.dedent(f"""
-        import resource, sys
-        sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
-        from _files import tiny_folder
-        folders = [tiny_folder({str(tmp_path)!r} + f"/a{{i}}", seed=i) for i in range(1100)]
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-        import robustmerge_kernels as rk
-        merged = rk.merge(folders, out={str(tmp_path / "out")!r})
-        print(len(merged.report.adapters))
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": ROOT},
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "1100"
+    """1,100 adapters under a limit of 256 open files: nothing is held open per adapter
+    (before, about limit - 6 adapters failed, blaming adapter_config.json)."""
+    folders = [tiny_folder(tmp_path / f"a{i}", seed=i) for i in range(1100)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        merged = rk.merge(folders, out=str(tmp_path / "out"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(merged.report.adapters) == 1100
+    assert (tmp_path / "out" / "adapter_config.json").exists()

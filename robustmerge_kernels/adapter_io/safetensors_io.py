@@ -138,9 +138,21 @@ class SafetensorsFile:
             self._fail(f"{size - self._data - at} bytes after the last tensor's data")
 
     def read(self, key: str) -> torch.Tensor:
-        out = torch.empty(self.shapes[key], dtype=self.dtypes[key])
+        return self._read_into(key, torch.empty(self.shapes[key], dtype=self.dtypes[key]), 0)
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (along its first dimension), read alone: averaging
+        a large tensor over many adapters then holds a chunk, not the tensor, per adapter."""
+        shape = self.shapes[key]
+        start, stop = max(0, min(start, shape[0])), max(0, min(stop, shape[0]))
+        out = torch.empty((max(0, stop - start), *shape[1:]), dtype=self.dtypes[key])
+        return self._read_into(key, out, start * math.prod(shape[1:]) * self.dtypes[key].itemsize)
+
+    def _read_into(self, key: str, out: torch.Tensor, skip: int) -> torch.Tensor:
         view = byte_view(out)
-        got, offset = 0, self._data + self._spans[key]
+        got, offset = 0, self._data + self._spans[key] + skip
+        if not len(view):
+            return out
         fd = open_regular(self.path, self.label, self.folder)
         try:
             st = os.fstat(fd)

@@ -37,7 +37,7 @@ class AdapterSource:
     files: list[str] = field(default_factory=list)  # every file the adapter was read from
     file_of: dict[str, str] = field(default_factory=dict)  # key -> file name, for tensors outside the weights file
     shard_paths: list[str] = field(default_factory=list)  # sharded weights: every shard file
-
+    _rows: Any = None  # callable (key, start, stop) -> rows of a file-backed tensor, read alone
 
     def keys(self) -> list[str]:
         return list(self._shapes)
@@ -51,6 +51,18 @@ class AdapterSource:
     def close(self) -> None:
         if self.closer is not None:
             self.closer()
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor with at least one dimension; from a file only those
+        rows are read, in memory it is a view."""
+        if self._rows is None or key in self.file_of:
+            return self.get(key)[start:stop]
+        try:
+            return self._rows(key, start, stop)
+        except AdapterError:
+            raise
+        except Exception as exc:
+            raise AdapterError(f"cannot read tensor data ({exc})", self.label, key) from exc
 
     def get(self, key: str) -> torch.Tensor:
         try:
@@ -96,6 +108,7 @@ def _open_sharded(folder: str, index_path: str, label: str) -> AdapterSource:
         if extra is not None:  # a tensor the index does not list would be silently dropped
             raise AdapterError(f"{name} holds a tensor that {INDEX_NAME} does not list", label, extra)
     source = AdapterSource(label, None, shapes, dtypes, lambda key: where[key].read(key), path=index_path)
+    source._rows = lambda key, start, stop: where[key].read_rows(key, start, stop)
     source.shard_paths = [os.path.join(folder, name) for name in shards]
     return source
 
@@ -105,7 +118,7 @@ def _open_safetensors(path: str, label: str, folder: str | None = None) -> Adapt
         f = SafetensorsFile(path, label, folder)
     except OSError as exc:
         raise AdapterError(f"cannot read safetensors file {path!r}: {exc}", label) from exc
-    return AdapterSource(label, None, f.shapes, f.dtypes, f.read, path=path, closer=f.close)
+    return AdapterSource(label, None, f.shapes, f.dtypes, f.read, path=path, closer=f.close, _rows=f.read_rows)
 
 
 def _from_state_dict(state_dict: Mapping[str, Any], config: dict | None, label: str) -> AdapterSource:
