@@ -29,11 +29,13 @@ def two(tmp_path):
 
 
 def _tree(path) -> dict[str, bytes]:
-    return {
-        os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
-        for d, _, files in os.walk(path)
-        for f in files
-    }
+    """Every file (and symlink, by its target) under ``path`` with its content."""
+    tree = {}
+    for d, dirs, files in os.walk(path):
+        for f in files + [x for x in dirs if os.path.islink(os.path.join(d, x))]:
+            p = os.path.join(d, f)
+            tree[os.path.relpath(p, path)] = os.readlink(p).encode() if os.path.islink(p) else open(p, "rb").read()
+    return tree
 
 
 # ------------------------------------------------------------------ item 1: what -o may name
@@ -197,7 +199,7 @@ def test_crash_between_the_two_renames_is_recovered(two, tmp_path, capsys):
     out = tmp_path / "out"
     rk.merge(two[:1], out=str(out))
     new = {"x": torch.arange(3.0)}
-    assert crash_commit(out, new, "rename", no_exchange=True, nth=2)  # after OUT -> .old, before .tmp -> OUT
+    assert crash_commit(out, new, "rename", no_exchange=True, nth=3)  # journal, OUT -> .old, then die
     assert not out.exists()  # the window the journal exists for
     assert main(["recover", str(out)]) == 0
     assert "finished the interrupted replacement" in capsys.readouterr().out
@@ -209,7 +211,7 @@ def test_crash_between_the_two_renames_is_recovered(two, tmp_path, capsys):
 def test_next_run_finishes_an_interrupted_replacement(two, tmp_path):
     out = tmp_path / "out"
     rk.merge(two[:1], out=str(out))
-    assert crash_commit(out, {"x": torch.ones(2)}, "rename", no_exchange=True, nth=2)
+    assert crash_commit(out, {"x": torch.ones(2)}, "rename", no_exchange=True, nth=3)
     rk.merge(two, out=str(out), overwrite=True)  # recovers first, then replaces
     assert len(_weights(out)) == 2
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []

@@ -215,8 +215,31 @@ def check_replaceable(out: str, force: bool = False) -> None:
 
 # ------------------------------------------------------------------ commit and recovery
 
+def _drop_marker(folder: str) -> None:
+    try:
+        os.remove(os.path.join(folder, OWNER_NAME))
+    except FileNotFoundError:
+        pass
+    fsync_dir(folder)
+
+
+def _settle(out: str, *steps) -> None:
+    """Steps after the rename that made OUT the new adapter: the merge has succeeded, so a
+    failure here (EIO on fsync, a marker that cannot be removed) is a warning, and what it
+    leaves (a stray marker, an old folder) is removed by recover() later."""
+    import warnings
+
+    for step, *args in steps:
+        try:
+            step(*args)
+        except OSError as exc:
+            warnings.warn(f"{out}: written, but {step.__name__.strip('_')} failed after the rename: {exc}", stacklevel=3)
+
+
 def commit_new(tmp: str, out: str) -> None:
-    """Rename the staged folder to OUT only if OUT does not exist at that instant."""
+    """Rename the staged folder to OUT only if OUT does not exist at that instant. The
+    owner marker goes with it and is removed after (a crash in between leaves a stray
+    marker in OUT, which recover() removes), so no instant leaves an unmarked staging folder."""
     try:
         rename2(tmp, out, _RENAME_NOREPLACE)
     except RenameUnsupported:
@@ -229,39 +252,57 @@ def commit_new(tmp: str, out: str) -> None:
             except OSError:
                 pass
             raise
-    fsync_dir(os.path.dirname(out))
+    _settle(out, (fsync_dir, os.path.dirname(out)), (_drop_marker, out))
 
 
 def commit_replace(tmp: str, out: str, force: bool = False) -> str:
     """Swap the staged folder with OUT; returns the hidden folder now holding the old
-    adapter (marked as ours, so a crash before the caller deletes it leaves it removable)."""
+    adapter, marked as ours (the caller deletes it; after a crash recover() does).
+
+    The old adapter is marked before the swap, so at no instant is either folder both
+    hidden and unmarked; a marker left in OUT by a crash is removed by recover().
+    """
     check_replaceable(out, force)  # again: OUT may have changed during the merge
     parent = os.path.dirname(out)
     try:
+        write_owner(out, "old")
+    except OSError:
+        pass  # OUT's contents are read-only: it can still be replaced, only a crash would leak it
+    try:
         rename2(tmp, out, _RENAME_EXCHANGE)  # atomic: OUT names one complete adapter throughout
-        fsync_dir(parent)
-        write_owner(tmp, "old")
-        return tmp
     except RenameUnsupported:
         pass
+    except BaseException:
+        _drop_marker(out)  # OUT as the user had it
+        raise
+    else:
+        _settle(out, (fsync_dir, parent), (_drop_marker, out))
+        return tmp
     backup = tmp.replace(".tmp-", ".old-")
     journal = journal_path(out)
-    with open(journal, "w") as f:  # what recover() needs if we die between the renames
-        json.dump({**owner_record(), "out": os.path.basename(out), "old": os.path.basename(backup),
-                   "new": os.path.basename(tmp)}, f)  # fmt: skip
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(parent)
-    os.rename(out, backup)
+    staged_journal = os.path.join(tmp, ".swap.json")  # written in full, then renamed: never partial
+    try:
+        with open(staged_journal, "w") as f:  # what recover() needs if we die between the renames
+            json.dump({**owner_record(), "out": os.path.basename(out), "old": os.path.basename(backup),
+                       "new": os.path.basename(tmp)}, f)  # fmt: skip
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(staged_journal, journal)
+        fsync_dir(parent)
+        os.rename(out, backup)
+    except BaseException:
+        _drop_marker(out)
+        if os.path.exists(journal):
+            os.remove(journal)
+        raise
     try:
         os.rename(tmp, out)
     except BaseException:
         os.rename(backup, out)  # put the user's previous adapter back
+        _drop_marker(out)
         os.remove(journal)
         raise
-    fsync_dir(parent)
-    write_owner(backup, "old")  # before the journal goes: the leftover stays removable
-    os.remove(journal)
+    _settle(out, (fsync_dir, parent), (_drop_marker, out), (os.remove, journal), (fsync_dir, parent))
     return backup
 
 
@@ -297,6 +338,8 @@ def recover(out: str) -> list[str]:
                 os.rename(old, out)
                 done.append(f"restored the previous adapter to {out}")
             fsync_dir(parent)
+            if os.path.isdir(out):
+                _drop_marker(out)
         if os.path.lexists(out):
             for leftover in (new, old):  # both named by our journal: the replaced and the staged
                 if os.path.isdir(leftover) and not os.path.islink(leftover):
@@ -304,6 +347,10 @@ def recover(out: str) -> list[str]:
                     done.append(f"removed {leftover} left by the interrupted replacement")
             os.remove(journal)
             fsync_dir(parent)
+    stray = os.path.join(out, OWNER_NAME)
+    if os.path.isfile(stray) and not os.path.isfile(journal) and owner_dead(_read_json(stray)):
+        os.remove(stray)  # a crash just after a commit's rename: OUT is complete
+        done.append(f"removed a stale marker from {out}")
     try:
         names = sorted(os.listdir(parent))
     except OSError:

@@ -118,25 +118,21 @@ class StagedAdapter:
     def commit(self) -> str:
         for stream in self.streams:
             stream.close()
-        os.remove(self.path(destination.OWNER_NAME))  # the committed folder carries no marker
-        fsync_dir = destination.fsync_dir
-        fsync_dir(self.tmp)
+        destination.fsync_dir(self.tmp)
         if self.overwrite and os.path.lexists(self.out):
             old = destination.commit_replace(self.tmp, self.out, self.force)
+            self.tmp = None  # committed: nothing to abort from here on
             shutil.rmtree(old, ignore_errors=True)
-            fsync_dir(os.path.dirname(self.out))
         else:
             try:
                 destination.commit_new(self.tmp, self.out)
-            except FileExistsError as exc:
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
                 raise AdapterError(
                     f"output {self.out!r} appeared while merging (another merge to the same output?); it was "
                     "left untouched and this merge's result discarded"
                 ) from exc
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-                raise AdapterError(f"output {self.out!r} appeared while merging; it was left untouched") from exc
         self.tmp = None
         return self.out
 
