@@ -287,8 +287,6 @@ def _mounted(path, options: str):
 
 
 def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path):
-    import torch
-
     big = {"base_model.model.q.lora_A.weight": torch.randn(4, 40000), "base_model.model.q.lora_B.weight": torch.randn(8, 4)}
     ins = [tiny_folder(tmp_path / f"a{i}", tensors=big, config={"peft_type": "LORA", "r": 4, "lora_alpha": 4}) for i in range(2)]
     with _mounted(tmp_path / "small", "size=256k") as small:
@@ -296,6 +294,14 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path):
             rk.merge(ins, out=str(small / "out"))
         assert os.listdir(small) == []
         assert main(["merge", *ins, "-o", str(small / "out")]) == 2
+        for method in ("linear", "cat"):  # written by safetensors' own writer, which raises its own error
+            with pytest.raises(rk.AdapterError, match="cannot write .*No space left"):
+                rk.merge(ins, out=str(small / "out"), method=method)
+        llava = tiny_folder(tmp_path / "llava")  # small LoRA factors, a projector larger than the disk
+        torch.save({"model.mm_projector.0.weight": torch.randn(100_000)}, os.path.join(llava, "non_lora_trainables.bin"))
+        with pytest.raises(rk.AdapterError, match="cannot write non_lora_trainables.bin"):
+            rk.merge([llava], out=str(small / "out"))
+        assert os.listdir(small) == []
 
 
 def test_disk_full_simulated(two, tmp_path, monkeypatch):

@@ -229,11 +229,12 @@ def _settle(out: str, *steps) -> None:
     leaves (a stray marker, an old folder) is removed by recover() later."""
     import warnings
 
-    for step, *args in steps:
+    for what, step, *args in steps:
         try:
             step(*args)
         except OSError as exc:
-            warnings.warn(f"{out}: written, but {step.__name__.strip('_')} failed after the rename: {exc}", stacklevel=3)
+            warnings.warn(f"{out} is complete, but {what} failed after the rename ({exc}); `robustmerge recover "
+                          "OUT` or the next merge tidies up", stacklevel=3)  # fmt: skip
 
 
 def commit_new(tmp: str, out: str) -> None:
@@ -252,7 +253,8 @@ def commit_new(tmp: str, out: str) -> None:
             except OSError:
                 pass
             raise
-    _settle(out, (fsync_dir, os.path.dirname(out)), (_drop_marker, out))
+    _settle(out, ("syncing the parent folder", fsync_dir, os.path.dirname(out)),
+            ("removing the owner marker", _drop_marker, out))  # fmt: skip
 
 
 def commit_replace(tmp: str, out: str, force: bool = False) -> str:
@@ -276,7 +278,7 @@ def commit_replace(tmp: str, out: str, force: bool = False) -> str:
         _drop_marker(out)  # OUT as the user had it
         raise
     else:
-        _settle(out, (fsync_dir, parent), (_drop_marker, out))
+        _settle(out, ("syncing the parent folder", fsync_dir, parent), ("removing the owner marker", _drop_marker, out))
         return tmp
     backup = tmp.replace(".tmp-", ".old-")
     journal = journal_path(out)
@@ -302,7 +304,8 @@ def commit_replace(tmp: str, out: str, force: bool = False) -> str:
         _drop_marker(out)
         os.remove(journal)
         raise
-    _settle(out, (fsync_dir, parent), (_drop_marker, out), (os.remove, journal), (fsync_dir, parent))
+    _settle(out, ("syncing the parent folder", fsync_dir, parent), ("removing the owner marker", _drop_marker, out),
+            ("removing the journal", os.remove, journal), ("syncing the parent folder", fsync_dir, parent))  # fmt: skip
     return backup
 
 

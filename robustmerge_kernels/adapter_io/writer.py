@@ -9,6 +9,7 @@ complete.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -75,7 +76,11 @@ class StagedAdapter:
         self.out = check_destination(out, self.overwrite, force=self.force)
         self.streams: list[SafetensorsStream] = []
         parent = os.path.dirname(self.out)
-        destination.recover(self.out)  # an interrupted earlier run: finish it, drop dead leftovers
+        try:
+            destination.recover(self.out)  # an interrupted earlier run: finish it, drop dead leftovers
+        except OSError as exc:
+            raise AdapterError(f"cannot recover an interrupted merge to {self.out!r}: {exc}; see `robustmerge "
+                               "recover`") from exc  # fmt: skip
         try:
             self.tmp = tempfile.mkdtemp(prefix=f"{destination.hidden_stem(self.out)}.tmp-", dir=parent)
         except OSError as exc:
@@ -101,7 +106,8 @@ class StagedAdapter:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         files = _shard_files(tensors, max_shard_size)
         for name in dict.fromkeys(files.values()):
-            save_file({k: t for k, t in tensors.items() if files[k] == name}, self.path(name), metadata={"format": "pt"})
+            with self._naming_failures(name):  # safetensors reports ENOSPC as its own error type
+                save_file({k: t for k, t in tensors.items() if files[k] == name}, self.path(name), metadata={"format": "pt"})
             _fsync_file(self.path(name))
         if len(set(files.values())) > 1:
             total = sum(t.nbytes for t in tensors.values())
@@ -109,8 +115,25 @@ class StagedAdapter:
 
     def write_torch(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Tensors in the torch.save format they came in (non_lora_trainables.bin)."""
-        torch.save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, self.path(name))
+        with self._naming_failures(name):  # torch.save reports ENOSPC as a RuntimeError
+            torch.save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, self.path(name))
         _fsync_file(self.path(name))
+
+    @contextlib.contextmanager
+    def _naming_failures(self, name: str):
+        try:
+            yield
+        except OSError:
+            raise
+        except Exception as exc:
+            hint = ""
+            try:
+                st = os.statvfs(self.tmp)
+                if st.f_bavail * st.f_frsize < 1 << 20:
+                    hint = " (the disk is full)"
+            except OSError:
+                pass
+            raise AdapterError(f"cannot write {name} of the output {self.out!r}: {exc}{hint}") from exc
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         _write_json(self.path(name), data)
