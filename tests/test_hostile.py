@@ -235,3 +235,22 @@ def test_more_adapters_than_file_descriptors(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert len(merged.report.adapters) == 1100
     assert (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_hugging_face_cache_snapshots_with_blob_symlinks_still_load(tmp_path):
+    """Hub downloads are symlinks from snapshots/<rev>/ into ../../blobs/: allowed, while a
+    symlink anywhere else outside the adapter folder is refused."""
+    src = tiny_folder(tmp_path / "src")
+    repo = tmp_path / "models--org--adapter"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        blob = repo / "blobs" / name.replace(".", "_")
+        blob.write_bytes(open(os.path.join(src, name), "rb").read())
+        os.symlink(os.path.join("..", "..", "blobs", blob.name), snap / name)
+    assert len(rk.merge([str(snap)])) == 2
+    os.remove(snap / "adapter_model.safetensors")
+    os.symlink(os.path.join(src, "adapter_model.safetensors"), snap / "adapter_model.safetensors")
+    with pytest.raises(rk.AdapterError, match="outside the adapter folder"):
+        rk.merge([str(snap)])

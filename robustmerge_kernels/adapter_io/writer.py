@@ -1,10 +1,12 @@
 """Write a merged adapter as a PEFT folder, atomically.
 
-Everything is written into a hidden temporary folder beside the destination, flushed to
-disk, and only then renamed into place. A crash or error mid-write leaves at most a
+Everything is written into a hidden temporary folder beside the destination (marked with
+its owner), flushed to disk, and only then renamed into place by destination.py, which
+re-checks the destination at that instant. A crash or error mid-write leaves at most a
 ``.<name>.tmp-*`` folder (never a folder under the requested name that looks complete),
-and an existing destination is replaced only when asked, and only after the new one is
-complete.
+which the next merge to that name removes once its owner has ended; an existing
+destination is replaced only when asked, only if it is an adapter folder (or forced),
+and only after the new one is complete.
 """
 
 from __future__ import annotations
