@@ -182,7 +182,7 @@ def crash_commit(out, tensors, step, no_exchange: bool, nth: int = 1) -> bool:
             staged.write_tensors(tensors)
             staged.write_json("adapter_config.json", {"peft_type": "LORA", "r": 2, "lora_alpha": 4})
             module, name = {"rename": (os, "rename"), "rmtree": (shutil, "rmtree"), "rename2": (destination, "rename2"),
-                            "fsync": (os, "fsync"), "remove": (os, "remove")}[step]  # fmt: skip
+                            "fsync": (os, "fsync"), "remove": (os, "remove"), "mkdir": (os, "mkdir")}[step]  # fmt: skip
             setattr(module, name, die_on(getattr(module, name)))
             staged.commit()
         finally:

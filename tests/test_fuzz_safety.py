@@ -171,7 +171,7 @@ def test_io_faults_are_clear_errors_and_keep_the_previous_output(tmp_path_factor
 # ------------------------------------------------------------------ kill -9 during commit
 
 @FUZZ
-@given(step=st.sampled_from(["rename", "rename2", "fsync", "remove", "rmtree"]), nth=st.integers(1, 8),
+@given(step=st.sampled_from(["rename", "rename2", "fsync", "remove", "rmtree", "mkdir"]), nth=st.integers(1, 12),
        overwrite=st.booleans(), fallback=st.booleans())  # fmt: skip
 def test_kill_at_any_step_of_the_commit_loses_nothing(tmp_path_factory, step, nth, overwrite, fallback):
     tmp = tmp_path_factory.mktemp("kill")
