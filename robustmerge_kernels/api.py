@@ -6,6 +6,7 @@ or a staged folder, streamed or written at the end); :mod:`.pipeline` runs the m
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from .adapter_io.model_config import ModelConfig, choose_model_config, write_mod
 from .adapter_io.names import MODEL_CONFIG_NAME
 from .adapter_io.record import InputHashes, build_record
 from .adapter_io import hub
-from .adapter_io.sources import AdapterSource, is_peft_model, open_adapter, open_peft_adapter
+from .adapter_io.sources import AdapterSource, is_peft_model, open_adapter, open_peft_adapter, warn_repeated_folders
 from .adapter_io.names import SAFETENSORS_NAME
 from .adapter_io.safetensors_io import SafetensorsStream
 from .adapter_io.writer import StagedAdapter, check_destination, finish_adapter
@@ -47,7 +48,7 @@ def parse_size(size: int | str | None) -> int | None:
         value = float(number) * _UNITS[unit]
     except (ValueError, KeyError):
         raise AdapterError(f"cannot read size {size!r}; use bytes or e.g. 500MB, 5GB") from None
-    if value < 1:
+    if not math.isfinite(value) or value < 1:
         raise AdapterError(f"max_shard_size must be positive, got {size!r}")
     return int(value)
 
@@ -120,7 +121,7 @@ def merge(
     out: str | os.PathLike[str] | None = None,
     *,
     dtype: str | torch.dtype | None = None,
-    overwrite: bool = False,
+    overwrite: bool | str = False,
     progress: bool = False,
     group_bytes: int | None = None,
     max_shard_size: int | str | None = None,
@@ -157,7 +158,7 @@ def merge(
             LoRA factors of float16/bfloat16 inputs in float32 (as the official RobustMerge
             code), of float32/float64 inputs in their dtype; averaged non-LoRA tensors (the
             projector) in their first carrier's dtype.
-        overwrite: replace an existing ``out``.
+        overwrite: replace an existing ``out`` that is an adapter folder (``"force"``: any folder).
         progress: show a progress bar over modules.
         group_bytes: input bytes handed to the backend at once (default 256 MB in memory,
             32 MB from files, two groups in flight): the working set of a merge.
@@ -218,12 +219,15 @@ def merge(
             )
         ranks = _dist.current()
     if out is not None and (ranks is None or ranks.rank == 0):
-        check_destination(out, overwrite)
+        # overwrite: False, True (an adapter folder) or "force" (any folder)
+        inputs = [a for a in adapters if isinstance(a, (str, os.PathLike))]
+        check_destination(out, bool(overwrite), inputs, force=overwrite == "force")
 
     sources: list[AdapterSource] = []
     try:
         for i, a in enumerate(adapters):
             sources.append(a if isinstance(a, AdapterSource) else open_adapter(a, i))
+        warn_repeated_folders(sources)
         plan = build_plan(sources, out_dtype)
         model_config = choose_model_config(sources)
         if out is not None and plan.out_config is None:
@@ -262,7 +266,7 @@ def _write(
     run: Run,
     method: str,
     out: str | os.PathLike[str],
-    overwrite: bool,
+    overwrite: bool | str,
     shard_bytes: int | None,
     keep: bool,
     model_config: ModelConfig | None = None,
@@ -332,7 +336,7 @@ def _write_distributed(
     run: RobustMergeRun,
     method: str,
     out: str | os.PathLike[str],
-    overwrite: bool,
+    overwrite: bool | str,
     keep: bool,
     ranks,
     share,

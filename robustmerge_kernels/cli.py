@@ -35,7 +35,7 @@ def _merge_and_report(args: argparse.Namespace, world: int) -> int:
         backend=args.backend,
         out=args.output,
         dtype=args.dtype,
-        overwrite=args.overwrite,
+        overwrite="force" if args.force and args.overwrite else args.overwrite,
         progress=not args.quiet and sys.stderr.isatty(),
         max_shard_size=args.max_shard_size,
         keep_in_memory=False,  # the CLI only writes: output streams to disk, not held in memory
@@ -59,6 +59,14 @@ def _merge_and_report(args: argparse.Namespace, world: int) -> int:
     if config.get("differs"):
         print(f"  note: config.json written from {config['from']}; it differs in {', '.join(config['differs'])} "
               f"(keys: {', '.join(config['differing_keys'])})")  # fmt: skip
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from .adapter_io.destination import recover
+
+    for line in recover(args.output) or ["nothing to recover"]:
+        print(line)
     return 0
 
 
@@ -95,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default=None, help="output dtype of every tensor: fp32, fp16, bf16 (default: "
                    "LoRA factors of fp16/bf16 inputs in fp32, as the official RobustMerge code; fp32/fp64 inputs "
                    "and averaged non-LoRA tensors keep their dtype)")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output adapter folder")
+    m.add_argument("--force", action="store_true", help="with --overwrite: replace the output folder even if it "
+                   "is not an adapter (no adapter_config.json)")  # fmt: skip
     m.add_argument("--max-shard-size", default=None, help="split weights into indexed shards above this (e.g. 5GB); "
                    "peft 0.21 loads only unsharded adapters, so the default is one file")  # fmt: skip
     # baseline methods: options named as in PEFT's add_weighted_adapter
@@ -117,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", default="auto")
     d.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     d.set_defaults(func=_demo)
+
+    r = sub.add_parser("recover", help="finish an interrupted --overwrite of OUT; remove leftovers of dead merges")
+    r.add_argument("output", help="the output folder of the interrupted merge")
+    r.set_defaults(func=_recover)
 
     b = sub.add_parser("backends", help="list backends and whether they can run here")
     b.add_argument("--device", default="cpu")

@@ -28,9 +28,9 @@ from .adapter_io.sources import AdapterSource
 from .backends import Backend, ModuleInputs, NonFiniteInput, OutputOverflow, get_backend
 from .errors import AdapterError
 from .finite import check_output, refuse_overflow, require_finite
+from .means import mean_of_sources
 from .params import RobustMergeParams
 from .plan import MeanPlan, MergePlan, ModulePlan
-from .reference import mean_tensors
 
 # Modules are handed to the backend in groups of about this many input bytes: large enough
 # for a fused kernel to fill the machine, small enough to bound memory by a working set.
@@ -123,9 +123,8 @@ def emit_means(
 ) -> None:
     """§3 step 5: each non-LoRA tensor (of ``means``, default all), averaged over the
     adapters that carry it."""
-    for mean in plan.means if means is None else means:
-        values = [load(sources[t], key, device) for t, key in zip(mean.members, mean.keys)]
-        emit(mean.key, check_output(mean.key, mean_tensors(values, mean.out_dtype)), mean.file)
+    for mean in plan.means if means is None else means:  # streamed: one chunk of one adapter's copy at a time
+        emit(mean.key, check_output(mean.key, mean_of_sources(mean, sources, device)), mean.file)
 
 
 class _NoBar:

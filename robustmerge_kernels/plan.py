@@ -12,6 +12,7 @@ a kernel launches once over a whole group instead of looping over tensors in Pyt
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,7 +244,15 @@ def _plan_module(name, members, sources, slots, rules, dtype, layout) -> ModuleP
             r_t, _, s_t = rules[0][t](own)
             if r_t != sa[0]:
                 raise AdapterError(f"config says r={r_t} for module {own!r} but lora_A has {sa[0]} rows", src.label, ka)
-            scale = s_t / rules[1](out_module)[2]  # the output config's patterns match output names
+            s_out = rules[1](out_module)[2]  # the output config's patterns match output names
+            scale = s_t / s_out
+            if not (math.isfinite(scale) and scale >= sys.float_info.min):  # folded into B: must be usable
+                raise AdapterError(
+                    f"LoRA scaling {s_t!r} (lora_alpha / r) differs from the output's {s_out!r} by a factor float64 "
+                    "cannot represent; these adapters' lora_alpha values are too far apart to merge",
+                    src.label,
+                    ka,
+                )
         nbytes += _nbytes(sa, src.dtype(ka)) + _nbytes(sb, src.dtype(kb))
         a_keys.append(ka)
         b_keys.append(kb)

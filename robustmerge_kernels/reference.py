@@ -16,6 +16,7 @@ Numerics, chosen once and shared by every backend:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -104,3 +105,31 @@ def mean_tensors(tensors: Sequence[torch.Tensor], out_dtype: torch.dtype | None 
     for x in tensors[1:]:
         acc += x.to(torch.float64)
     return (acc / len(tensors)).to(out_dtype or tensors[0].dtype)
+
+
+def mean_tensors_streaming(
+    read_rows: Sequence, shape: tuple[int, ...], out_dtype: torch.dtype, chunk_elems: int = 1 << 20
+) -> torch.Tensor:
+    """mean_tensors, bit for bit, holding one chunk of rows per step instead of every input.
+
+    ``read_rows[t](start, stop)`` returns rows ``start:stop`` (first dimension) of adapter
+    t's tensor. Each chunk is summed in float64 in adapter order and divided once, exactly
+    as mean_tensors does element by element, so memory is the output plus one float64
+    chunk, whatever the number of adapters.
+    """
+    if not shape:  # a scalar: nothing to chunk
+        return mean_tensors([r(None, None) for r in read_rows], out_dtype)
+    per_row = math.prod(shape[1:])
+    step = max(1, chunk_elems // max(per_row, 1))
+    out = None
+    for start in range(0, shape[0], step):
+        stop = min(shape[0], start + step)
+        acc = read_rows[0](start, stop).to(torch.float64, copy=True)
+        for read in read_rows[1:]:
+            acc += read(start, stop).to(torch.float64)
+        part = (acc / len(read_rows)).to(out_dtype)
+        if out is None:
+            out = torch.empty(shape, dtype=out_dtype, device=part.device)
+        out[start:stop] = part
+        del acc, part
+    return out if out is not None else torch.empty(shape, dtype=out_dtype)

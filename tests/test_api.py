@@ -70,6 +70,7 @@ def test_existing_output_refused_then_replaced_with_overwrite(adapter_dirs, tmp_
     out = tmp_path / "merged"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
+    (out / "adapter_config.json").write_text("{}")  # --overwrite replaces only adapter folders
     with pytest.raises(rk.AdapterError, match="already exists"):
         rk.merge(adapter_dirs, out=str(out))
     assert (out / "keep.txt").read_text() == "user data"

@@ -198,7 +198,7 @@ def test_failure_during_write_leaves_nothing_and_keeps_previous_output(tmp_path,
         raise OSError("disk full")
 
     monkeypatch.setattr("robustmerge_kernels.adapter_io.writer._write_json", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(rk.AdapterError, match="cannot write the output .*disk full"):  # named, exit 2
         rk.merge([lora_pair(1)], out=str(out), overwrite=True)
     after = load_file(str(out / "adapter_model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)

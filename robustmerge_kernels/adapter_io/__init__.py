@@ -6,6 +6,8 @@ scaling.py         each (adapter, module)'s LoRA scaling, as PEFT computes it
 sources.py         user inputs -> AdapterSource (lazy, header-only until read)
 safetensors_io.py  the safetensors format: positional reader, streaming writer, dtype table
 writer.py          StagedAdapter: a hidden folder renamed into place when complete
+destination.py     which outputs may be written or replaced; no-replace/exchange commit, recovery
+files.py           opening input files: regular files inside the adapter folder, never blocking
 record.py          robustmerge.json: inputs with sha256, method, hyper-parameters
 model_config.py    config.json (LLaVA's model config) carried from the inputs to the output
 names.py           the file names of an adapter folder

@@ -51,6 +51,8 @@ def parse_factor(key: str) -> FactorKey | None:
     if m is None:
         return None
     factor = m.group("factor")
+    if "embedding" not in factor and not key.endswith(".weight"):
+        return None  # lora_B.bias (or lora_A.<name> without a weight): not a factor
     return FactorKey(module=m.group("module"), factor=factor[-1], embedding="embedding" in factor)
 
 
@@ -59,7 +61,11 @@ def unsupported_lora_part(key: str) -> str | None:
     if parse_factor(key) is not None:
         return None
     m = _LORA_OTHER.search(key)
-    return m.group(1) if m else None
+    if m is None:
+        return None
+    if key.endswith(".bias") and m.group(1) in ("lora_A", "lora_B"):
+        return f"{m.group(1)} bias"  # lora_bias=true adapters: a trained bias, not a duplicate factor
+    return m.group(1)
 
 
 # PEFT saves every key of a model's adapter under this prefix.

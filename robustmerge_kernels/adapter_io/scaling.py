@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from typing import Any
 
 from ..errors import AdapterError
@@ -39,10 +40,35 @@ def check_config(config: dict[str, Any], label: str) -> None:
     for flag, reason in _REFUSED_FLAGS.items():
         if config.get(flag):
             raise AdapterError(f"unsupported: {reason}", label)
-    for name in ("r", "lora_alpha"):
-        value = config.get(name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise AdapterError(f"{name} in adapter_config.json must be a positive number, got {value!r}", label)
+    _check_rank(config.get("r"), "r", label)
+    _check_alpha(config.get("lora_alpha"), "lora_alpha", label)
+    for name, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+        patterns = config.get(name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{name} in adapter_config.json must be an object, got {patterns!r}", label)
+        for key, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except (re.error, TypeError) as exc:
+                raise AdapterError(f"{name} key {key!r} is not a valid regular expression ({exc})", label) from None
+            check(value, f"{name}[{key!r}]", label)
+
+
+def _check_rank(value: Any, name: str, label: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise AdapterError(f"{name} in adapter_config.json must be a positive integer, got {value!r}", label)
+
+
+def _check_alpha(value: Any, name: str, label: str) -> None:
+    """A positive, finite, normal number: an infinite or denormal alpha would make the
+    scaling ratio inf or 0 and surface later as a misleading dtype overflow."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdapterError(f"{name} in adapter_config.json must be a positive number, got {value!r}", label)
+    if not (math.isfinite(value) and value >= sys.float_info.min):
+        raise AdapterError(f"{name} in adapter_config.json must be a positive, finite, normal number, got {value!r}",
+                           label)  # fmt: skip
 
 
 def module_scaling(config: dict[str, Any], module: str) -> tuple[int, float, float]:

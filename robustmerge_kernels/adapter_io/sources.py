@@ -9,7 +9,6 @@ group of modules' inputs at a time.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import torch
 
 from ..errors import AdapterError
 from . import hub
+from .files import check_regular, read_json
 from .names import BIN_NAME, CONFIG_NAME, INDEX_NAME, MODEL_CONFIG_NAME, NON_LORA_NAME, SAFETENSORS_NAME
 from .safetensors_io import SafetensorsFile
 
@@ -39,7 +39,7 @@ class AdapterSource:
     file_of: dict[str, str] = field(default_factory=dict)  # key -> file name, for tensors outside the weights file
     shard_paths: list[str] = field(default_factory=list)  # sharded weights: every shard file
     hub: Any = None  # hub.HubAdapter: the Hub id and commit this folder was resolved from
-
+    _rows: Any = None  # callable (key, start, stop) -> rows of a file-backed tensor, read alone
 
     def keys(self) -> list[str]:
         return list(self._shapes)
@@ -54,6 +54,18 @@ class AdapterSource:
         if self.closer is not None:
             self.closer()
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor with at least one dimension; from a file only those
+        rows are read, in memory it is a view."""
+        if self._rows is None or key in self.file_of:
+            return self.get(key)[start:stop]
+        try:
+            return self._rows(key, start, stop)
+        except AdapterError:
+            raise
+        except Exception as exc:
+            raise AdapterError(f"cannot read tensor data ({exc})", self.label, key) from exc
+
     def get(self, key: str) -> torch.Tensor:
         try:
             return self._loader(key)
@@ -65,58 +77,50 @@ class AdapterSource:
 
 def _read_config(folder: str, label: str) -> dict[str, Any]:
     path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise AdapterError(f"missing {CONFIG_NAME} in {folder!r}; not a PEFT adapter folder", label)
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"cannot parse {CONFIG_NAME}: {exc}", label) from exc
+    config = read_json(path, label, folder)
     if not isinstance(config, dict):
         raise AdapterError(f"{CONFIG_NAME} is not a JSON object", label)
     return config
 
 
+def _shard_name(name: Any, label: str) -> str:
+    if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name or "\0" in name:
+        raise AdapterError(f"shard name {name!r} in {INDEX_NAME} is not a file in the folder", label)
+    return name
+
+
 def _open_sharded(folder: str, index_path: str, label: str) -> AdapterSource:
     """Sharded weights: the index maps each key to its shard; every key must be there."""
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise ValueError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AdapterError(f"cannot parse {INDEX_NAME}: {exc}", label) from exc
+    index = read_json(index_path, label, folder)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise AdapterError(f"cannot parse {INDEX_NAME}: no weight_map object mapping tensors to shard files", label)
     shards: dict[str, SafetensorsFile] = {}
     shapes, dtypes, where = {}, {}, {}
-    try:
-        for name in sorted(set(weight_map.values())):
-            if os.path.basename(name) != name:
-                raise AdapterError(f"shard name {name!r} in {INDEX_NAME} is not a file in the folder", label)
-            shards[name] = SafetensorsFile(os.path.join(folder, name), label)
-        for key, name in weight_map.items():
-            if key not in shards[name].shapes:
-                raise AdapterError(f"{INDEX_NAME} puts the tensor in {name}, which lacks it", label, key)
-            shapes[key], dtypes[key], where[key] = shards[name].shapes[key], shards[name].dtypes[key], shards[name]
-    except BaseException:
-        for shard in shards.values():
-            shard.close()
-        raise
-
-    def close():
-        for shard in shards.values():
-            shard.close()
-
-    source = AdapterSource(label, None, shapes, dtypes, lambda key: where[key].read(key), path=index_path, closer=close)
+    for name in sorted({_shard_name(n, label) for n in weight_map.values()}):
+        shards[name] = SafetensorsFile(os.path.join(folder, name), label, folder)
+    for key, name in weight_map.items():
+        if key not in shards[name].shapes:
+            raise AdapterError(f"{INDEX_NAME} puts the tensor in {name}, which lacks it", label, key)
+        shapes[key], dtypes[key], where[key] = shards[name].shapes[key], shards[name].dtypes[key], shards[name]
+    for name, shard in shards.items():
+        extra = next((k for k in shard.shapes if k not in weight_map), None)
+        if extra is not None:  # a tensor the index does not list would be silently dropped
+            raise AdapterError(f"{name} holds a tensor that {INDEX_NAME} does not list", label, extra)
+    source = AdapterSource(label, None, shapes, dtypes, lambda key: where[key].read(key), path=index_path)
+    source._rows = lambda key, start, stop: where[key].read_rows(key, start, stop)
     source.shard_paths = [os.path.join(folder, name) for name in shards]
     return source
 
 
-def _open_safetensors(path: str, label: str) -> AdapterSource:
+def _open_safetensors(path: str, label: str, folder: str | None = None) -> AdapterSource:
     try:
-        f = SafetensorsFile(path, label)
+        f = SafetensorsFile(path, label, folder)
     except OSError as exc:
         raise AdapterError(f"cannot read safetensors file {path!r}: {exc}", label) from exc
-    return AdapterSource(label, None, f.shapes, f.dtypes, f.read, path=path, closer=f.close)
+    return AdapterSource(label, None, f.shapes, f.dtypes, f.read, path=path, closer=f.close, _rows=f.read_rows)
 
 
 def _from_state_dict(state_dict: Mapping[str, Any], config: dict | None, label: str) -> AdapterSource:
@@ -128,22 +132,53 @@ def _from_state_dict(state_dict: Mapping[str, Any], config: dict | None, label: 
             raise AdapterError(f"state dict key {key!r} is not a string", label)
         if not isinstance(value, torch.Tensor):
             raise AdapterError(f"value is a {type(value).__name__}, not a tensor", label, key)
+        if value.layout != torch.strided or value.is_quantized or value.is_nested:
+            raise AdapterError(f"{value.layout} tensors cannot be merged; pass dense tensors", label, key)
+        if value.device.type == "meta":
+            raise AdapterError("is a meta tensor (no data); load the weights before merging", label, key)
         tensors[key] = value.detach()
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     dtypes = {k: v.dtype for k, v in tensors.items()}
     return AdapterSource(label, config, shapes, dtypes, tensors.__getitem__)
 
 
-def _load_bin(path: str, label: str) -> Mapping[str, Any]:
+def _weights_only_reason(exc: Exception) -> str:
+    """torch's refusal, without its advice to retry with weights_only=False (which would
+    let the file run code): the part that says what the file contains."""
+    text = str(exc)
+    if "weights_only" in text or "WeightsUnpickler" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0] if "WeightsUnpickler error:" in text else ""
+        return "it holds objects other than tensors, which are refused because loading them could run code" + (
+            f" ({detail})" if detail else ""
+        )
+    return text
+
+
+def _load_bin(path: str, label: str, folder: str | None = None) -> Mapping[str, Any]:
     """torch.load a .bin adapter, memory-mapped (paged in as the merge reads it) when the
-    file is in the zip format; the legacy pre-1.6 format cannot be mapped and loads whole."""
+    file is in the zip format; the legacy pre-1.6 format cannot be mapped and loads whole.
+
+    The tensors' bytes are bounded by the file's size: views sharing one storage would
+    otherwise turn a few megabytes in into gigabytes materialised and written.
+    """
+    check_regular(path, label, folder)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise AdapterError(f"cannot load {path!r}: {exc}", label) from exc
+            raise AdapterError(f"cannot load {path!r}: {_weights_only_reason(exc)}", label) from None
+    if isinstance(state, Mapping):
+        size = os.path.getsize(path)
+        total = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+        if total > size:
+            raise AdapterError(
+                f"{os.path.basename(path)} is {size} bytes but its tensors total {total}: they share storage "
+                "(views of one buffer), which is refused",
+                label,
+            )
+    return state
 
 
 def _attach_non_lora(source: AdapterSource, extra: AdapterSource) -> None:
@@ -200,12 +235,12 @@ def open_adapter(obj: Any, index: int) -> AdapterSource:
         st_path = os.path.join(folder, SAFETENSORS_NAME)
         bin_path = os.path.join(folder, BIN_NAME)
         index_path = os.path.join(folder, INDEX_NAME)
-        if os.path.isfile(st_path):
-            source = _open_safetensors(st_path, label)
-        elif os.path.isfile(index_path):
+        if os.path.lexists(st_path):
+            source = _open_safetensors(st_path, label, folder)
+        elif os.path.lexists(index_path):
             source = _open_sharded(folder, index_path, label)
-        elif os.path.isfile(bin_path):
-            state = _load_bin(bin_path, label)
+        elif os.path.lexists(bin_path):
+            state = _load_bin(bin_path, label, folder)
             source = _from_state_dict(state, None, label)
             source.path = bin_path
         else:
@@ -213,10 +248,11 @@ def open_adapter(obj: Any, index: int) -> AdapterSource:
         source.config = config
         source.folder = folder
         source.hub = resolved
-        source.files = [os.path.join(folder, CONFIG_NAME), *(source.shard_paths or [source.path])]
+        # every file the result depends on is hashed in the record, a sharded input's index too
+        source.files = [os.path.join(folder, CONFIG_NAME), *source.shard_paths, source.path]
         non_lora = os.path.join(folder, NON_LORA_NAME)
-        if os.path.isfile(non_lora):
-            _attach_non_lora(source, _from_state_dict(_load_bin(non_lora, label), None, label))
+        if os.path.lexists(non_lora):
+            _attach_non_lora(source, _from_state_dict(_load_bin(non_lora, label, folder), None, label))
             source.files.append(non_lora)
         if os.path.isfile(os.path.join(folder, MODEL_CONFIG_NAME)):  # carried into the output: hash it too
             source.files.append(os.path.join(folder, MODEL_CONFIG_NAME))
@@ -236,3 +272,17 @@ def open_adapter(obj: Any, index: int) -> AdapterSource:
         "a (state_dict, config) pair or a PeftModel",
         label,
     )
+
+
+def warn_repeated_folders(sources: list[AdapterSource]) -> None:
+    """The same folder given twice counts twice in the mean: legal, but rarely meant."""
+    import warnings
+
+    seen: dict[str, str] = {}
+    for s in sources:
+        if s.folder is None:
+            continue
+        real = os.path.realpath(s.folder)
+        if real in seen:
+            warnings.warn(f"adapter {s.label} is the same folder as adapter {seen[real]}; it is merged twice", stacklevel=3)
+        seen.setdefault(real, s.label)

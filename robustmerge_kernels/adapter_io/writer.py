@@ -1,14 +1,18 @@
 """Write a merged adapter as a PEFT folder, atomically.
 
-Everything is written into a hidden temporary folder beside the destination, flushed to
-disk, and only then renamed into place. A crash or error mid-write leaves at most a
+Everything is written into a hidden temporary folder beside the destination (marked with
+its owner), flushed to disk, and only then renamed into place by destination.py, which
+re-checks the destination at that instant. A crash or error mid-write leaves at most a
 ``.<name>.tmp-*`` folder (never a folder under the requested name that looks complete),
-and an existing destination is replaced only when asked, and only after the new one is
-complete.
+which the next merge to that name removes once its owner has ended; an existing
+destination is replaced only when asked, only if it is an adapter folder (or forced),
+and only after the new one is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -18,6 +22,8 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError
+from . import destination
+from .destination import check_destination  # noqa: F401  (the API imports it from here)
 from .names import CONFIG_NAME, INDEX_NAME, RECORD_NAME, SAFETENSORS_NAME
 from .safetensors_io import SafetensorsStream
 
@@ -35,19 +41,6 @@ def _shard_files(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -
     n = len(groups)
     name = (lambda i: SAFETENSORS_NAME) if n == 1 else (lambda i: f"adapter_model-{i + 1:05d}-of-{n:05d}.safetensors")
     return {key: name(i) for i, keys in enumerate(groups) for key in keys}
-
-
-def check_destination(out: str, overwrite: bool) -> str:
-    """Refuse early (before any merging) a destination that would fail at the end."""
-    out = os.path.abspath(os.fspath(out))
-    parent = os.path.dirname(out)
-    if os.path.exists(out) and not overwrite:
-        raise AdapterError(f"output {out!r} already exists; pass overwrite=True (--overwrite) to replace it")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise AdapterError(f"output {out!r} exists and is not a folder; refusing to replace it")
-    if not os.path.isdir(parent):
-        raise AdapterError(f"parent folder of output {out!r} does not exist")
-    return out
 
 
 def _json_default(obj: Any) -> Any:
@@ -78,10 +71,28 @@ class StagedAdapter:
     renamed into place by commit(); on any error (leaving the ``with`` block by an
     exception) it is removed and a replaced destination is left as it was."""
 
-    def __init__(self, out: str, overwrite: bool):
-        self.out = check_destination(out, overwrite)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.tmp-", dir=os.path.dirname(self.out))
+    def __init__(self, out: str, overwrite: bool | str):
+        """``overwrite``: False, True (replace an adapter folder) or "force" (any folder)."""
+        self.tmp = None
+        self.overwrite, self.force = bool(overwrite), overwrite == "force"
+        self.out = check_destination(out, self.overwrite, force=self.force)
         self.streams: list[SafetensorsStream] = []
+        parent = os.path.dirname(self.out)
+        try:
+            destination.recover(self.out)  # an interrupted earlier run: finish it, drop dead leftovers
+        except OSError as exc:
+            raise AdapterError(f"cannot recover an interrupted merge to {self.out!r}: {exc}; see `robustmerge "
+                               "recover`") from exc  # fmt: skip
+        try:
+            self.tmp = tempfile.mkdtemp(prefix=f"{destination.hidden_stem(self.out)}.tmp-", dir=parent)
+        except OSError as exc:
+            raise AdapterError(f"cannot create a folder beside the output {self.out!r}: {exc.strerror}") from exc
+        try:
+            os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get normal permissions
+            destination.write_owner(self.tmp, "tmp")
+        except OSError as exc:
+            self.abort()
+            raise AdapterError(f"cannot write beside the output {self.out!r}: {exc.strerror}") from exc
 
     def path(self, name: str) -> str:
         return os.path.join(self.tmp, name)
@@ -101,7 +112,8 @@ class StagedAdapter:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         files = _shard_files(tensors, max_shard_size)
         for name in dict.fromkeys(files.values()):
-            save_file({k: t for k, t in tensors.items() if files[k] == name}, self.path(name), metadata={"format": "pt"})
+            with self._naming_failures(name):  # safetensors reports ENOSPC as its own error type
+                save_file({k: t for k, t in tensors.items() if files[k] == name}, self.path(name), metadata={"format": "pt"})
             _fsync_file(self.path(name))
         if len(set(files.values())) > 1:
             total = sum(t.nbytes for t in tensors.values())
@@ -109,8 +121,25 @@ class StagedAdapter:
 
     def write_torch(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Tensors in the torch.save format they came in (non_lora_trainables.bin)."""
-        torch.save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, self.path(name))
+        with self._naming_failures(name):  # torch.save reports ENOSPC as a RuntimeError
+            torch.save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, self.path(name))
         _fsync_file(self.path(name))
+
+    @contextlib.contextmanager
+    def _naming_failures(self, name: str):
+        try:
+            yield
+        except OSError:
+            raise
+        except Exception as exc:
+            hint = ""
+            try:
+                st = os.statvfs(self.tmp)
+                if st.f_bavail * st.f_frsize < 1 << 20:
+                    hint = " (the disk is full)"
+            except OSError:
+                pass
+            raise AdapterError(f"cannot write {name} of the output {self.out!r}: {exc}{hint}") from exc
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         _write_json(self.path(name), data)
@@ -124,35 +153,56 @@ class StagedAdapter:
     def commit(self) -> str:
         for stream in self.streams:
             stream.close()
-        backup = None
-        if os.path.exists(self.out):
-            backup = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.old-", dir=os.path.dirname(self.out))
-            os.rmdir(backup)
-            os.rename(self.out, backup)
-        try:
-            os.rename(self.tmp, self.out)
-        except BaseException:
-            if backup is not None:
-                os.rename(backup, self.out)  # put the user's previous adapter back
-            raise
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        destination.fsync_dir(self.tmp)
+        if self.overwrite and os.path.lexists(self.out):
+            old = destination.commit_replace(self.tmp, self.out, self.force)
+            self.tmp = None  # committed: nothing to abort from here on
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                destination.commit_new(self.tmp, self.out)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise AdapterError(
+                    f"output {self.out!r} appeared while merging (another merge to the same output?); it was "
+                    "left untouched and this merge's result discarded"
+                ) from exc
+        self.tmp = None
         return self.out
 
     def abort(self) -> None:
         for stream in self.streams:
             try:
                 stream.close()
-            except RuntimeError:
+            except (RuntimeError, OSError):
                 pass
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # ours: made by mkdtemp in __init__
+            self.tmp = None
 
     def __enter__(self) -> StagedAdapter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
+        if exc_type is None:
+            return
+        self.abort()
+        if issubclass(exc_type, OSError):  # ENOSPC, EROFS, EIO while writing: name the output
+            raise AdapterError(f"cannot write the output {self.out!r}: {exc.strerror or exc}") from exc
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask would, briefly, for every thread)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def finish_adapter(staged: StagedAdapter, tensors, files: dict[str, str], config, record) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import AdapterError  # a ValueError: callers catching that still do
 from .base import BackendUnavailable, KernelBackend, load_extension
 from .tables import KERNEL_DTYPES, build_tables, key_to_value, raise_kernel_status, unpack_details
 
@@ -38,7 +39,7 @@ def get_num_threads() -> int:
     env = os.environ.get(ENV_THREADS, "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"${ENV_THREADS} must be a positive integer, got {env!r}")
+            raise AdapterError(f"${ENV_THREADS} must be a positive integer, got {env!r}")
         return int(env)
     return max(1, torch.get_num_threads())
 

@@ -210,6 +210,16 @@ def merge_baseline(
     weights = opts.weights or (1.0,) * len(plan.sources)
     out_rule = ScalingRule(plan.out_config) if plan.out_config is not None else None
     max_rank = max((m.rank for m in plan.modules), default=1)
+    if method in SVD_METHODS and opts.svd_rank is not None:
+        # A module's merged delta has rank at most min(m, n): a larger svd_rank is only zero
+        # padding (2 GB of it for svd_rank=2000000 on two tiny adapters; PEFT fails there).
+        def supported(m):
+            return min(m.in_features, m.out_features)
+
+        limit = max((supported(m) for m in plan.modules), default=0)
+        if opts.svd_rank > limit:
+            raise AdapterError(f"svd_rank {opts.svd_rank} exceeds the largest rank these inputs support ({limit}: "
+                               "a module's merged delta has rank at most min(in_features, out_features))")  # fmt: skip
     merged: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for m in plan.modules:
