@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import array
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 
 import torch
 
@@ -33,7 +33,8 @@ ITEM = {name: i for i, name in enumerate(ITEM_COLUMNS)}  # column index by name
 MODULE = {name: i for i, name in enumerate(MODULE_COLUMNS)}
 KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # input types of the kernels
 OUT_DTYPES = {**KERNEL_DTYPES, torch.float64: 3}
-_DEVICE_DTYPE = attrgetter("device", "dtype")
+_SHAPE_DTYPE_DEVICE = attrgetter("shape", "dtype", "device")
+_FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
 @dataclass
@@ -120,16 +121,17 @@ def _fast_tables(group: list[ModuleInputs], params: RobustMergeParams, device: t
     if any(not len(g.a) == len(g.b) == len(g.plan.b_scale) == n for g, n in zip(group, members)):
         return None
     xs = a + b
-    placed = list(map(_DEVICE_DTYPE, xs))  # (device, dtype) per tensor
-    if not {d for d, _ in set(placed)} == {device} or not {t for _, t in set(placed)} <= KERNEL_DTYPES.keys():
+    meta = list(map(_SHAPE_DTYPE_DEVICE, xs))  # one C-level pass: (shape, dtype, device) per tensor
+    if set(map(_THIRD, meta)) != {device} or not all(map(torch.Tensor.is_contiguous, xs)):
         return None
-    if not all(map(torch.Tensor.is_contiguous, xs)):
+    dtypes = list(map(_SECOND, meta))
+    if not set(dtypes) <= KERNEL_DTYPES.keys():
         return None
-    shapes_a = [(g.plan.rank, g.plan.in_features) for g in group for _ in g.a]
-    shapes_b = [(g.plan.out_features, g.plan.rank) for g in group for _ in g.b]
-    if list(map(torch.Tensor.size, xs)) != shapes_a + shapes_b:  # torch.Size == tuple elementwise
+    expected = [(g.plan.rank, g.plan.in_features) for g in group for _ in g.a]
+    expected += [(g.plan.out_features, g.plan.rank) for g in group for _ in g.b]
+    if list(map(_FIRST, meta)) != expected:  # torch.Size == tuple elementwise
         return None
-    codes = [KERNEL_DTYPES[t] for _, t in placed]
+    codes = list(map(KERNEL_DTYPES.__getitem__, dtypes))
     ptrs = list(map(torch.Tensor.data_ptr, xs))
     W = len(a)
     k_a = [prune_count(g.plan.rank * g.plan.in_features, params.density) for g in group]
