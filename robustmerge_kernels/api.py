@@ -29,6 +29,7 @@ METHODS = ("robustmerge", *_methods.METHODS)  # baselines: robustmerge_kernels.m
 # Inputs read from files are copied into memory per group, so their groups are smaller.
 DEFAULT_GROUP_BYTES = 256 << 20
 FILE_GROUP_BYTES = 64 << 20
+CUDA_RESIDENT_GROUP_BYTES = 1 << 62  # the whole plan
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -319,6 +320,10 @@ def _run_plan(plan, sources, impl, params, device, progress, group_bytes, sink=N
     scan = not getattr(impl, "checks_finite", False)  # kernels that see inf/NaN themselves skip a pass
     if group_bytes is None:
         group_bytes = FILE_GROUP_BYTES if any(s.path is not None for s in sources) else DEFAULT_GROUP_BYTES
+        if device.type == "cuda" and all(s.path is None for s in sources):
+            # Inputs already resident on the GPU: one group, so one launch sequence and one
+            # synchronisation per merge (the outputs, 1/T of the inputs, are allocated at once).
+            group_bytes = CUDA_RESIDENT_GROUP_BYTES
     for group in _groups(plan.modules, group_bytes):
         inputs = [
             ModuleInputs(

@@ -22,6 +22,15 @@ from robustmerge_kernels.demo.toy import tiny_llama, train_adapter  # noqa: E402
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def pytest_report_header(config):
+    """Say which way the Triton kernels run, so a GPU log shows they were compiled."""
+    from robustmerge_kernels.backends.triton import interpreter_mode
+
+    if interpreter_mode():
+        return "triton kernels: interpreter (TRITON_INTERPRET=1, CPU tensors)"
+    return "triton kernels: compiled (TRITON_INTERPRET unset or 0, CUDA tensors)"
+
+
 @pytest.fixture(scope="session")
 def base_model():
     return tiny_llama()

@@ -112,3 +112,27 @@ def test_llava_plan_tables_host_cost():
 
     fast, checked = cost(tables.build_tables), cost(tables._checked_tables)
     assert fast < 0.8 * checked, (fast, checked)
+
+
+@pytest.mark.parametrize(
+    "archs, capability, runs",
+    [
+        ("80-real,86-real,90", (7, 5), False),  # T4: `auto` must fall back
+        ("80-real,86-real,90", (7, 0), False),  # V100
+        ("80-real,86-real,90", (8, 0), True),
+        ("80-real,86-real,90", (8, 6), True),
+        ("80-real,86-real,90", (8, 9), True),  # sm_86 code runs on 8.9 (same major, higher minor)
+        ("80-real,86-real,90", (9, 0), True),
+        ("80-real,86-real,90", (10, 0), True),  # compute_90 PTX, compiled by the driver
+        ("80-real,86-real,90-real", (10, 0), False),  # no PTX: nothing for Blackwell
+        ("90-virtual", (9, 0), True),
+        ("90-virtual", (8, 6), False),
+        ("86-real", (8, 0), False),  # sm_86 code does not run on a lower minor
+        ("native", (9, 0), False),
+        ("", (9, 0), False),
+    ],
+)
+def test_cuda_architectures_decide_where_the_module_runs(archs, capability, runs):
+    from robustmerge_kernels.backends.cuda import arch_runs_on
+
+    assert arch_runs_on(archs, capability) is runs

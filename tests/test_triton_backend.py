@@ -9,9 +9,8 @@ the compiled kernels when TRITON_INTERPRET is unset (tensors are then moved to C
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import: kernels run on the CPU
+# The mode comes from conftest.py (interpreter only where there is no GPU; TRITON_INTERPRET
+# set by the caller wins) and is printed in pytest's header: a GPU run compiles the kernels.
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

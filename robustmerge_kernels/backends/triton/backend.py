@@ -18,11 +18,12 @@ a GPU. float64 modules take the reference path, as in the CPU backend.
 
 from __future__ import annotations
 
-import os
+import contextlib
 
 import torch
 
 from ..base import BackendUnavailable, KernelBackend, ModuleInputs
+from . import interpreter_mode  # noqa: F401  (re-exported: tests and callers use backend.interpreter_mode)
 from ..tables import ITEM, KERNEL_DTYPES, MODULE, build_tables, raise_kernel_status, unpack_details
 
 try:
@@ -42,10 +43,6 @@ STATE_COLS = 4  # common.py: prefix, rank, active, numel
 # Multiply, then add (no FMA contraction), as the C++ kernels and the reference do; explicit
 # because Triton's default changes in 3.10.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
-
-
-def interpreter_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class TritonBackend(KernelBackend):
@@ -72,8 +69,14 @@ class TritonBackend(KernelBackend):
         return device
 
     def _run_kernel(self, group, params, details):
-        k = self._k
         device = self._device(group)
+        # Triton launches on the current CUDA device: inputs on cuda:1 need cuda:1 current.
+        guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return self._run_on_device(group, params, details, device)
+
+    def _run_on_device(self, group, params, details, device):
+        k = self._k
         tables = build_tables(group, params, device)
         W, M = tables.n_items, len(group)
         items_h, modules_h = tables.items, tables.modules

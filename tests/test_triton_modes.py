@@ -1,0 +1,47 @@
+"""How the Triton backend is reached in each mode: the registry serves CPU tensors with
+it only when it is named and TRITON_INTERPRET=1 (``auto`` never picks it there), and the
+public merge() path works in interpreter mode. The mode itself is printed in pytest's
+header (conftest.py), so a GPU log shows whether the kernels were compiled.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import lora_pair, pytest_report_header
+
+import robustmerge_kernels as rk
+from robustmerge_kernels.backends import available_backends, get_backend
+from robustmerge_kernels.backends.triton import interpreter_mode
+
+pytest.importorskip("triton", reason="triton is not installed: the triton backend is not tested")
+interpreter = pytest.mark.skipif(not interpreter_mode(), reason="runs where the kernels are interpreted (no GPU)")
+
+
+def test_report_header_names_the_mode(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "interpreter" in pytest_report_header(None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "compiled" in pytest_report_header(None)
+
+
+@interpreter
+def test_named_triton_serves_cpu_tensors_in_interpreter_mode_only(monkeypatch):
+    assert get_backend("triton", "cpu").name == "triton"
+    assert get_backend("auto", "cpu").name != "triton"
+    assert "triton" not in available_backends("cpu")  # what `auto` chooses from
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(rk.AdapterError, match="does not run on 'cpu'"):
+        get_backend("triton", "cpu")
+
+
+@interpreter
+def test_merge_api_runs_the_triton_kernels_on_cpu_tensors():
+    adapters = [lora_pair(seed, r=4, n=12, m=10) for seed in (1, 2, 3)]
+    got = rk.merge(adapters, backend="triton")
+    ref = rk.merge(adapters, backend="reference")
+    assert got.report.backend == "triton"
+    assert got.keys() == ref.keys()
+    for key in ref:
+        assert got[key].dtype == ref[key].dtype and got[key].shape == ref[key].shape
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6)
