@@ -45,3 +45,38 @@ def test_merge_api_runs_the_triton_kernels_on_cpu_tensors():
     for key in ref:
         assert got[key].dtype == ref[key].dtype and got[key].shape == ref[key].shape
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("version, bits", [("3.5.1", 8), ("3.6.0", 8), ("3.7.0", 11), ("3.10.0+git1234", 11), ("4.0", 11)])
+def test_digit_width_follows_the_histogram_lowering(monkeypatch, version, bits):
+    from robustmerge_kernels.backends.triton.select import digit_bits, passes
+
+    monkeypatch.delenv("RMK_TRITON_RADIX_BITS", raising=False)
+    assert digit_bits(version) == bits
+    assert passes(bits, wide=False) == 2 and passes(bits, wide=True) == (3 if bits == 11 else 4)
+    monkeypatch.setenv("RMK_TRITON_RADIX_BITS", "5")
+    assert digit_bits(version) == 5
+    monkeypatch.setenv("RMK_TRITON_RADIX_BITS", "12")
+    with pytest.raises(ValueError, match="4..11"):
+        digit_bits(version)
+
+
+@interpreter
+@pytest.mark.parametrize("bits", [4, 7, 11])
+def test_thresholds_exact_for_any_digit_width(monkeypatch, bits):
+    """Every digit width gives the reference's thresholds (float32: 3 to 8 passes)."""
+    from _cases import kernel_masks, module_inputs, random_module
+
+    from robustmerge_kernels.backends.triton.backend import TritonBackend
+    from robustmerge_kernels.params import RobustMergeParams
+    from robustmerge_kernels.reference import robustmerge_module
+
+    monkeypatch.setenv("RMK_TRITON_RADIX_BITS", str(bits))
+    params = RobustMergeParams(density=0.3)
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = random_module(bits, T=2, r=3, n=40, m=30, dtype=dtype)
+        a[0][1, :10] = a[0][1, 0]  # ties at the threshold
+        det = TritonBackend().run([module_inputs(a, b)], params, details=True)
+        ref = robustmerge_module(a, b, params)
+        assert torch.equal(kernel_masks(a, det.tau_a), ref.mask_a)
+        assert torch.equal(kernel_masks(b, det.tau_b), ref.mask_b)

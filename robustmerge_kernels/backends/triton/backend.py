@@ -3,8 +3,10 @@
 Phases (kernels in this package: select.py, scales.py, fuse.py), each covering every
 (module, adapter) pair of the group in one launch:
 
-  1. thresholds: histogram radix select on the magnitude keys, 2 passes (16-bit) or
-     3 passes (float32) of ``hist_kernel`` + ``select_kernel``; pass 1 also finds inf/NaN;
+  1. thresholds: histogram radix select on the magnitude keys, one ``hist_kernel`` launch
+     per digit (2 for 16-bit keys; 3 or 4 for float32, by the digit width
+     ``select.digit_bits()`` picks for the installed triton); the last program of each
+     matrix fixes the digit in the same launch; pass 1 also finds inf/NaN;
   2. ``rowsum_kernel``: row sums of |A| and kept |A| (float64), raw A-row scales;
   3. ``weights_kernel``: per-task clamp and the normalised fusion weights;
   4. ``fuse_kernel``: the fused normalised sum across adapters into the outputs.
@@ -97,8 +99,9 @@ class TritonBackend(KernelBackend):
         state[:, 1] = ks.reshape(-1).to(torch.int32)  # rank of tau: k
         state[:, 2] = (ks.reshape(-1) >= 1).to(torch.int32)  # k < 1: keep all, tau = 0
         state[:, 3] = numel.reshape(-1).to(torch.int32)
-        wide = bool((items_h[:, [ITEM["a_dtype"], ITEM["b_dtype"]]] == KERNEL_DTYPES[torch.float32]).any())  # a third digit
-        passes = 3 if wide else 2
+        wide = bool((items_h[:, [ITEM["a_dtype"], ITEM["b_dtype"]]] == KERNEL_DTYPES[torch.float32]).any())
+        bits = k.digit_bits()
+        passes = k.passes(bits, wide)
         n_scales = int(scale_offset[-1])
         rank_block = triton.next_power_of_2(int(ranks.max()))
 
@@ -107,7 +110,8 @@ class TritonBackend(KernelBackend):
 
         items, modules, b_scale = dev(items_h), dev(modules_h), dev(tables.b_scale)
         item_module, scale_offset_d, state = dev(item_module), dev(scale_offset[:-1].contiguous()), dev(state)
-        hist = torch.zeros((passes, 2 * W, 2048), dtype=torch.int32, device=device)
+        hist = torch.zeros((passes, 2 * W, 1 << bits), dtype=torch.int32, device=device)
+        arrive = torch.zeros((passes, 2 * W), dtype=torch.int32, device=device)  # programs done, per pass
         status = torch.zeros(2 * W, dtype=torch.int32, device=device)
         module_status = torch.zeros(M, dtype=torch.int32, device=device)
         raw_scales = torch.empty(n_scales, dtype=torch.float64, device=device)
@@ -117,10 +121,10 @@ class TritonBackend(KernelBackend):
         max_numel = int(numel.max())
         per_matrix = max(1, min(MAX_PROGRAMS_PER_MATRIX, triton.cdiv(max_numel, KEYS_PER_PROGRAM)))
         for p in range(passes):
-            k.hist_kernel[(2 * W, per_matrix)](items, state, hist[p], PASS=p, BLOCK=HIST_BLOCK, **LAUNCH_OPTIONS)
-            k.select_kernel[(2 * W,)](
-                items, state, hist[p], status, PASS=p, LAST_PASS=p == passes - 1, **LAUNCH_OPTIONS
-            )
+            k.hist_kernel[(2 * W, per_matrix)](
+                items, state, hist[p], arrive[p], status, PASS=p, LAST_PASS=p == passes - 1, BITS=bits,
+                BLOCK=HIST_BLOCK, **LAUNCH_OPTIONS,
+            )  # fmt: skip
         k.rowsum_kernel[(W, max(1, min(int(ranks.max()), 64)))](
             items, modules, item_module, scale_offset_d, state, raw_scales, BLOCK=ROW_BLOCK, **LAUNCH_OPTIONS
         )

@@ -50,8 +50,6 @@ F16: tl.constexpr = tl.constexpr(OUT_DTYPES[torch.float16])
 BF16: tl.constexpr = tl.constexpr(OUT_DTYPES[torch.bfloat16])
 F64: tl.constexpr = tl.constexpr(OUT_DTYPES[torch.float64])
 
-BINS: tl.constexpr = tl.constexpr(2048)  # 11-bit digits
-
 
 @triton.jit
 def load_key_value(addr, dt, offs, mask):
