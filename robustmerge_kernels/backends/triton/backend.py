@@ -102,6 +102,9 @@ class TritonBackend(KernelBackend):
         wide = bool((items_h[:, [ITEM["a_dtype"], ITEM["b_dtype"]]] == KERNEL_DTYPES[torch.float32]).any())
         bits = k.digit_bits()
         passes = k.passes(bits, wide)
+        # Whole blocks load 16-byte vectors when every input address allows it (torch's
+        # allocations do; views into a buffer at odd offsets may not).
+        aligned = bool((items_h[:, [ITEM["a"], ITEM["b"]]] % 16 == 0).all())
         n_scales = int(scale_offset[-1])
         rank_block = triton.next_power_of_2(int(ranks.max()))
 
@@ -123,7 +126,7 @@ class TritonBackend(KernelBackend):
         for p in range(passes):
             k.hist_kernel[(2 * W, per_matrix)](
                 items, state, hist[p], arrive[p], status, PASS=p, LAST_PASS=p == passes - 1, BITS=bits,
-                BLOCK=HIST_BLOCK, **LAUNCH_OPTIONS,
+                BLOCK=HIST_BLOCK, ALIGNED=aligned, **LAUNCH_OPTIONS,
             )  # fmt: skip
         k.rowsum_kernel[(W, max(1, min(int(ranks.max()), 64)))](
             items, modules, item_module, scale_offset_d, state, raw_scales, BLOCK=ROW_BLOCK, **LAUNCH_OPTIONS

@@ -45,6 +45,7 @@ from .common import (
     ST_RANK,
     STATE_COLS,
     load_key,
+    load_key_full,
 )
 
 
@@ -78,7 +79,7 @@ def _digit(dt, PASS: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def hist_kernel(items, state, hist, arrive, status, PASS: tl.constexpr, LAST_PASS: tl.constexpr,
-                BITS: tl.constexpr, BLOCK: tl.constexpr):
+                BITS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False):
     """Histogram of digit PASS over the keys of matrix program_id(0) that match its prefix;
     the matrix's last program to finish then fixes the digit (``_select_digit``)."""
     BINS: tl.constexpr = 1 << BITS
@@ -104,9 +105,13 @@ def hist_kernel(items, state, hist, arrive, status, PASS: tl.constexpr, LAST_PAS
     lane = tl.arange(0, BLOCK)
     for start in range(tl.program_id(1) * BLOCK, limit, tl.num_programs(1) * BLOCK):
         offs = tl.max_contiguous(tl.multiple_of(start + lane, BLOCK), BLOCK)
-        inside = offs < limit
-        key = load_key(addr, dt, offs, inside)
-        match = inside & ((key >> high) == want)
+        if start + BLOCK <= limit:  # a whole block: unmasked, so the loads can be vectors
+            key = load_key_full(addr, dt, offs, ALIGNED)
+            match = (key >> high) == want
+        else:
+            inside = offs < limit
+            key = load_key(addr, dt, offs, inside)
+            match = inside & ((key >> high) == want)
         counts += tl.histogram((key >> shift) & digit_mask, BINS, mask=match)
     # Only the non-empty bins: magnitudes crowd into a few bins, so this is a few dozen
     # atomics. Relaxed: the arrival counter below orders them for the last program.
