@@ -104,3 +104,27 @@ def test_unaligned_inputs_take_the_scalar_loads(monkeypatch):
         assert torch.equal(x, y)
     for (xa, xb), (ya, yb) in zip(odd.outputs, even.outputs):
         assert torch.equal(xa, ya) and torch.equal(xb, yb)
+
+
+@interpreter
+@pytest.mark.parametrize("cap", [3, 40, 100_000])  # most matrices overflow / some fit / all fit
+@pytest.mark.parametrize("bits", [8, 11])
+def test_float32_candidates_captured_or_not_give_the_same_thresholds(monkeypatch, cap, bits):
+    from _cases import kernel_masks, module_inputs, random_module
+
+    from robustmerge_kernels.backends.triton import backend as tb
+    from robustmerge_kernels.params import RobustMergeParams
+    from robustmerge_kernels.reference import robustmerge_module
+
+    monkeypatch.setenv("RMK_TRITON_RADIX_BITS", str(bits))
+    monkeypatch.setattr(tb, "CANDIDATES_PER_MATRIX", cap)
+    monkeypatch.setattr(tb, "HIST_BLOCK", 64)  # several blocks and programs capture into one slot
+    monkeypatch.setattr(tb, "KEYS_PER_PROGRAM", 128)
+    params = RobustMergeParams(density=0.35)
+    a, b = random_module(3 * cap + bits, T=2, r=6, n=70, m=50, dtype=torch.float32)
+    a[1][0, :30] = a[1][0, 3]  # ties
+    b[0][:, 0] = 0.0  # zeros
+    det = tb.TritonBackend().run([module_inputs(a, b)], params, details=True)
+    ref = robustmerge_module(a, b, params)
+    assert torch.equal(kernel_masks(a, det.tau_a), ref.mask_a)
+    assert torch.equal(kernel_masks(b, det.tau_b), ref.mask_b)

@@ -42,7 +42,8 @@ ST_PREFIX: tl.constexpr = tl.constexpr(0)  # key bits fixed so far; the threshol
 ST_RANK: tl.constexpr = tl.constexpr(1)  # 1-based rank of the k-th key among keys with that prefix
 ST_ACTIVE: tl.constexpr = tl.constexpr(2)  # 1 while digits remain to be found
 ST_NUMEL: tl.constexpr = tl.constexpr(3)
-STATE_COLS: tl.constexpr = tl.constexpr(4)
+ST_COUNT: tl.constexpr = tl.constexpr(4)  # keys in pass 0's digit: the candidates of the later passes
+STATE_COLS: tl.constexpr = tl.constexpr(5)
 
 # Dtype codes (tables.OUT_DTYPES).
 F32: tl.constexpr = tl.constexpr(OUT_DTYPES[torch.float32])

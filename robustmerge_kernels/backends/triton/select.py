@@ -40,6 +40,7 @@ from .common import (
     ITEM_A_DTYPE,
     ITEM_COLS,
     ST_ACTIVE,
+    ST_COUNT,
     ST_NUMEL,
     ST_PREFIX,
     ST_RANK,
@@ -78,10 +79,19 @@ def _digit(dt, PASS: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def hist_kernel(items, state, hist, arrive, status, PASS: tl.constexpr, LAST_PASS: tl.constexpr,
-                BITS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False):
+def hist_kernel(items, state, hist, arrive, status, cand, cand_count, PASS: tl.constexpr, LAST_PASS: tl.constexpr,
+                BITS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, CAP: tl.constexpr,
+                CAPTURE: tl.constexpr, FROM_CANDIDATES: tl.constexpr):
     """Histogram of digit PASS over the keys of matrix program_id(0) that match its prefix;
-    the matrix's last program to finish then fixes the digit (``_select_digit``)."""
+    the matrix's last program to finish then fixes the digit (``_select_digit``).
+
+    CAPTURE (pass 1 of plans with float32 keys): the keys counted here, which are exactly
+    the ST_COUNT keys of pass 0's digit, are also compacted into the matrix's CAP-key slot
+    of ``cand`` when they fit (per block: a cumulative sum for the positions, one atomic
+    for the slot's fill). FROM_CANDIDATES (passes >= 2): a matrix whose keys were captured
+    reads them there instead of the whole matrix. The order of the keys in ``cand`` varies
+    with scheduling; counts, and so thresholds, do not.
+    """
     BINS: tl.constexpr = 1 << BITS
     mat = tl.program_id(0)
     item = mat // 2
@@ -100,12 +110,22 @@ def hist_kernel(items, state, hist, arrive, status, PASS: tl.constexpr, LAST_PAS
         limit = numel
     else:
         limit = tl.where(active != 0, numel, 0)
+    count = tl.load(state + mat * STATE_COLS + ST_COUNT)  # set by pass 0
+    slot = cand + mat.to(tl.int64) * CAP
+    use_cand = False
+    if FROM_CANDIDATES:
+        use_cand = count <= CAP
+        limit = tl.where(use_cand, tl.where(active != 0, count, 0), limit)
     want = prefix >> high
     counts = tl.zeros([BINS], dtype=tl.int32)
     lane = tl.arange(0, BLOCK)
     for start in range(tl.program_id(1) * BLOCK, limit, tl.num_programs(1) * BLOCK):
         offs = tl.max_contiguous(tl.multiple_of(start + lane, BLOCK), BLOCK)
-        if start + BLOCK <= limit:  # a whole block: unmasked, so the loads can be vectors
+        if use_cand:  # captured keys (int32, sign already clear)
+            inside = offs < limit
+            key = tl.load(slot + offs, mask=inside, other=0)
+            match = inside & ((key >> high) == want)
+        elif start + BLOCK <= limit:  # a whole block: unmasked, so the loads can be vectors
             key = load_key_full(addr, dt, offs, ALIGNED)
             match = (key >> high) == want
         else:
@@ -113,6 +133,11 @@ def hist_kernel(items, state, hist, arrive, status, PASS: tl.constexpr, LAST_PAS
             key = load_key(addr, dt, offs, inside)
             match = inside & ((key >> high) == want)
         counts += tl.histogram((key >> shift) & digit_mask, BINS, mask=match)
+        if CAPTURE:
+            if count <= CAP:
+                take = match.to(tl.int32)
+                at = tl.atomic_add(cand_count + mat, tl.sum(take, axis=0), sem="relaxed")
+                tl.store(slot + at + tl.cumsum(take, axis=0) - 1, key, mask=match)
     # Only the non-empty bins: magnitudes crowd into a few bins, so this is a few dozen
     # atomics. Relaxed: the arrival counter below orders them for the last program.
     tl.atomic_add(hist + mat * BINS + tl.arange(0, BINS), counts, mask=counts != 0, sem="relaxed")
@@ -147,6 +172,8 @@ def _select_digit(items, state, hist, status, mat, PASS: tl.constexpr, LAST_PASS
     cum = tl.cumsum(counts, axis=0)
     digit = tl.sum((cum < rank).to(tl.int32), axis=0)  # the first bin whose cumulative count reaches rank
     below = tl.sum(tl.where(bins < digit, counts, 0), axis=0)
+    if PASS == 0:  # the keys the later passes look at: candidates (hist_kernel CAPTURE)
+        tl.store(state + mat * STATE_COLS + ST_COUNT, tl.sum(tl.where(bins == digit, counts, 0), axis=0))
     on = (active != 0) & (width > 0)
     prefix = tl.where(on, prefix | (digit << shift), prefix)
     rank = tl.where(on, rank - below, rank)
