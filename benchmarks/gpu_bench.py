@@ -265,10 +265,6 @@ def main(argv=None) -> int:
     params = RobustMergeParams()  # the defaults merge() uses
 
     try:
-        from robustmerge_kernels.api import DEFAULT_GROUP_BYTES
-    except ImportError:
-        DEFAULT_GROUP_BYTES = 256 << 20
-    try:
         import triton
 
         triton_version = triton.__version__
@@ -327,7 +323,7 @@ def main(argv=None) -> int:
                 # One group for the whole plan, as merge() makes for CUDA-resident inputs.
                 (group,) = module_groups(adapters, mods, case.rank, getattr(torch, DTYPES[case.dtype]), 1 << 62)
 
-                def call():
+                def call(impl=impl, group=group):
                     return impl.robustmerge(group, params)
 
                 results[f"{name}:call"] = (timer(call, args.rounds, args.warmup)[0], "")

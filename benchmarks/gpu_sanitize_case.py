@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from robustmerge_kernels.backends import ModuleInputs, get_backend  # noqa: E402
-from robustmerge_kernels.params import RobustMergeParams  # noqa: E402
-from robustmerge_kernels.plan import ModulePlan  # noqa: E402
+from robustmerge_kernels.backends import ModuleInputs, get_backend
+from robustmerge_kernels.params import RobustMergeParams
+from robustmerge_kernels.plan import ModulePlan
 
 
 def module(name, T, r, n, m, dtypes, out_dtype, seed, device):

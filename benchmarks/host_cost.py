@@ -26,12 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from robustmerge_kernels.backends import ModuleInputs, tables  # noqa: E402
-from robustmerge_kernels.demo import synthetic  # noqa: E402
-from robustmerge_kernels.params import RobustMergeParams  # noqa: E402
-from robustmerge_kernels.plan import ModulePlan  # noqa: E402
+from robustmerge_kernels.backends import ModuleInputs, tables
+from robustmerge_kernels.demo import synthetic
+from robustmerge_kernels.params import RobustMergeParams
+from robustmerge_kernels.plan import ModulePlan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -81,7 +81,9 @@ def measure(shape: str, T: int, dtype: str, rounds: int) -> dict[str, float]:
         modules[:, tables.MODULE["out_b"]] = 0x7F0000004000
         args = (items.data_ptr(), t.n_items, t.b_scale.data_ptr(), modules.data_ptr(), len(group))
         row["binding_validate_plan_ms"] = median_ms(lambda: _cuda.workspace_size(*args), rounds)
-    row["cuda_path_host_ms"] = row["tables_fast_ms"] - row["outputs_alloc_ms"] + row.get("binding_validate_plan_ms", 0.0)
+    row["cuda_path_host_ms"] = (
+        row["tables_fast_ms"] - row["outputs_alloc_ms"] + row.get("binding_validate_plan_ms", 0.0)
+    )
     return row
 
 

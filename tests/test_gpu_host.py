@@ -6,7 +6,7 @@ building them for a llava-7b T = 8 plan (3,584 tensors).
 from __future__ import annotations
 
 import random
-import time
+import sys
 
 import pytest
 import torch
@@ -95,44 +95,30 @@ def llava_group(T: int = 8, dtype=torch.bfloat16, device="meta"):
     return group
 
 
-def test_llava_plan_tables_host_cost():
-    """The fast path is the one llava-7b takes, and costs much less than the per-item path
-    (ratio in the same run: the machine is shared). Absolute figures: benchmarks/host_cost.py."""
+def python_calls(fn) -> int:
+    """Python-level function calls fn makes (C calls not counted): deterministic, unlike time."""
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_llava_plan_tables_take_the_whole_group_path():
+    """llava-7b T = 8 (3,584 tensors) takes the fast path, whose Python work grows with the
+    modules (224), not the tensors: the per-tensor checks run in C (map over accessors).
+    Its time is measured by benchmarks/host_cost.py (a timing assert would be flaky here)."""
     group = llava_group()
     params, device = RobustMergeParams(), torch.device("meta")
-    assert len(group) == 224 and tables._fast_tables(group, params, device) is not None
-
-    def cost(build, rounds=7):
-        times = []
-        for _ in range(rounds):
-            t0 = time.process_time()
-            build(group, params, device)
-            times.append(time.process_time() - t0)
-        return sorted(times)[rounds // 2]
-
-    fast, checked = cost(tables.build_tables), cost(tables._checked_tables)
-    assert fast < 0.8 * checked, (fast, checked)
-
-
-@pytest.mark.parametrize(
-    "archs, capability, runs",
-    [
-        ("80-real,86-real,90", (7, 5), False),  # T4: `auto` must fall back
-        ("80-real,86-real,90", (7, 0), False),  # V100
-        ("80-real,86-real,90", (8, 0), True),
-        ("80-real,86-real,90", (8, 6), True),
-        ("80-real,86-real,90", (8, 9), True),  # sm_86 code runs on 8.9 (same major, higher minor)
-        ("80-real,86-real,90", (9, 0), True),
-        ("80-real,86-real,90", (10, 0), True),  # compute_90 PTX, compiled by the driver
-        ("80-real,86-real,90-real", (10, 0), False),  # no PTX: nothing for Blackwell
-        ("90-virtual", (9, 0), True),
-        ("90-virtual", (8, 6), False),
-        ("86-real", (8, 0), False),  # sm_86 code does not run on a lower minor
-        ("native", (9, 0), False),
-        ("", (9, 0), False),
-    ],
-)
-def test_cuda_architectures_decide_where_the_module_runs(archs, capability, runs):
-    from robustmerge_kernels.backends.cuda import arch_runs_on
-
-    assert arch_runs_on(archs, capability) is runs
+    n_tensors = sum(len(g.a) + len(g.b) for g in group)
+    assert n_tensors == 3584 and tables._fast_tables(group, params, device) is not None
+    fast = python_calls(lambda: tables.build_tables(group, params, device))
+    checked = python_calls(lambda: tables._checked_tables(group, params, device))
+    assert fast < n_tensors / 4 < checked, (fast, checked)

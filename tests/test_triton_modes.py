@@ -47,7 +47,9 @@ def test_merge_api_runs_the_triton_kernels_on_cpu_tensors():
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("version, bits", [("3.5.1", 8), ("3.6.0", 8), ("3.7.0", 11), ("3.10.0+git1234", 11), ("4.0", 11)])
+@pytest.mark.parametrize(
+    "version, bits", [("3.5.1", 8), ("3.6.0", 8), ("3.7.0", 11), ("3.10.0+git1234", 11), ("4.0", 11)]
+)
 def test_digit_width_follows_the_histogram_lowering(monkeypatch, version, bits):
     from robustmerge_kernels.backends.triton.select import digit_bits, passes
 

@@ -26,8 +26,8 @@ import contextlib
 import torch
 
 from ..base import BackendUnavailable, KernelBackend, ModuleInputs
-from . import interpreter_mode  # noqa: F401  (re-exported: tests and callers use backend.interpreter_mode)
 from ..tables import ITEM, KERNEL_DTYPES, MODULE, build_tables, raise_kernel_status, unpack_details
+from . import interpreter_mode
 
 try:
     import triton

@@ -33,7 +33,7 @@ def weights_kernel(modules, scale_offset, part_offset, partials, raw_scales, sca
         at = (tl.load(part_offset + item) + c * chunks) * 2
         row_total = tl.zeros([RANK_BLOCK], dtype=tl.float64)
         row_kept = tl.zeros([RANK_BLOCK], dtype=tl.float64)
-        for chunk in range(0, chunks):
+        for chunk in range(chunks):
             row_total += tl.load(partials + at + 2 * chunk, mask=inside, other=0.0)
             row_kept += tl.load(partials + at + 2 * chunk + 1, mask=inside, other=0.0)
         # A row whose kept mass is zero has nothing to compensate: scale 1 (SPEC step 2).

@@ -133,7 +133,7 @@ def hist_kernel(items, state, hist, arrive, status, cand, cand_count, PASS: tl.c
             key = load_key(addr, dt, offs, inside)
             match = inside & ((key >> high) == want)
         counts += tl.histogram((key >> shift) & digit_mask, BINS, mask=match)
-        if CAPTURE:
+        if CAPTURE:  # noqa: SIM102 - a compile-time branch around a run-time one
             if count <= CAP:
                 take = match.to(tl.int32)
                 at = tl.atomic_add(cand_count + mat, tl.sum(take, axis=0), sem="relaxed")
