@@ -23,7 +23,8 @@ namespace rm = robustmerge;
 
 static void robustmerge_tables(uintptr_t items, int64_t n_items, uintptr_t b_scale, uintptr_t modules,
                                int64_t n_modules, double lam, uintptr_t stream, uintptr_t status,
-                               uintptr_t module_status, uintptr_t tau_out, uintptr_t scales_out, int device) {
+                               uintptr_t module_status, uintptr_t tau_out, uintptr_t scales_out, int device,
+                               uintptr_t workspace, size_t workspace_bytes, bool check_addresses) {
   rm::MergeTables t = rm::plan_tables(items, n_items, b_scale, modules, n_modules, lam);
   t.n_threads = 1;
   t.status = reinterpret_cast<int32_t*>(status);
@@ -32,7 +33,18 @@ static void robustmerge_tables(uintptr_t items, int64_t n_items, uintptr_t b_sca
   const rm::cuda::Outputs out{reinterpret_cast<int32_t*>(status), reinterpret_cast<int32_t*>(module_status),
                               reinterpret_cast<uint32_t*>(tau_out), reinterpret_cast<double*>(scales_out)};
   py::gil_scoped_release release;
-  rm::cuda::robustmerge_cuda(t, device, reinterpret_cast<cudaStream_t>(stream), out);
+  rm::cuda::robustmerge_cuda(t, device, reinterpret_cast<cudaStream_t>(stream), out,
+                             reinterpret_cast<unsigned char*>(workspace), workspace_bytes, check_addresses);
+}
+
+// Bytes of device workspace robustmerge() needs for these (validated) host tables; no CUDA call.
+static size_t workspace_size(uintptr_t items, int64_t n_items, uintptr_t b_scale, uintptr_t modules,
+                             int64_t n_modules) {
+  rm::MergeTables t = rm::plan_tables(items, n_items, b_scale, modules, n_modules, 2.0);
+  t.n_threads = 1;
+  t.status = reinterpret_cast<int32_t*>(uintptr_t(1));  // not used here; validate() wants it non-null
+  rm::cuda::validate(t);
+  return rm::cuda::HostPlan(t).total;
 }
 
 static int device_count() {
@@ -57,9 +69,16 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("robustmerge", &robustmerge_tables, py::arg("items"), py::arg("n_items"), py::arg("b_scale"),
         py::arg("modules"), py::arg("n_modules"), py::arg("lam"), py::arg("stream"), py::arg("status"),
         py::arg("module_status") = 0, py::arg("tau_out") = 0, py::arg("scales_out") = 0, py::arg("device") = -1,
+        py::arg("workspace") = 0, py::arg("workspace_bytes") = 0, py::arg("check_addresses") = true,
         "RobustMerge a whole plan on the GPU, asynchronously on `stream` (a cudaStream_t as an int; 0 is the "
         "legacy default stream). Host tables, device inputs and outputs; `device` -1 keeps the current device. "
-        "Input inf/NaN sets `status` (Status bits per item); output overflow sets `module_status`.");
+        "Input inf/NaN sets `status` (Status bits per item); output overflow sets `module_status`. `workspace`: "
+        "device memory of workspace_bytes >= workspace_size(...) (e.g. from torch's allocator), 0 to allocate "
+        "one stream-ordered here. `check_addresses`: ask the driver that every address is device memory of "
+        "`device` (ValueError otherwise); False for callers that checked their tensors' devices.");
+  m.def("workspace_size", &workspace_size, py::arg("items"), py::arg("n_items"), py::arg("b_scale"),
+        py::arg("modules"), py::arg("n_modules"),
+        "Device workspace bytes robustmerge() needs for these host tables (validates them; no CUDA call)");
   m.def("device_count", &device_count, "CUDA devices this module's runtime sees (0 without a driver or GPU)");
   m.def("device_error", &device_error, "Why no device is usable ('' when one is)");
   m.def("runtime_version", [] { return CUDART_VERSION; }, "CUDA runtime version the module was built with");

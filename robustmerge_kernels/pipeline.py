@@ -37,6 +37,7 @@ from .plan import MeanPlan, MergePlan, ModulePlan
 # Inputs read from files are copied into memory per group, and the next group is read
 # while the current one merges (two groups in flight), so their groups are smaller.
 DEFAULT_GROUP_BYTES = 256 << 20
+CUDA_RESIDENT_GROUP_BYTES = 1 << 62  # the whole plan
 ENV_PREFETCH = "ROBUSTMERGE_PREFETCH"
 FILE_GROUP_BYTES = 32 << 20
 
@@ -168,6 +169,10 @@ class RobustMergeRun:
         self.impl: Backend = get_backend(backend, device.type)
         if group_bytes is None:
             group_bytes = FILE_GROUP_BYTES if any(s.path is not None for s in sources) else DEFAULT_GROUP_BYTES
+            if device.type == "cuda" and all(s.path is None for s in sources):
+                # Inputs already resident on the GPU: one group, so one launch sequence and one
+                # synchronisation per merge (the outputs, 1/T of the inputs, are allocated at once).
+                group_bytes = CUDA_RESIDENT_GROUP_BYTES
         self.group_bytes = group_bytes
         self.config = plan.out_config
 

@@ -63,6 +63,15 @@ def backend(request, monkeypatch):
     return make_backend(request.param, monkeypatch)
 
 
+def pytest_report_header(config):
+    """Say which way the Triton kernels run, so a GPU log shows they were compiled."""
+    from robustmerge_kernels.backends.triton import interpreter_mode
+
+    if interpreter_mode():
+        return "triton kernels: interpreter (TRITON_INTERPRET=1, CPU tensors)"
+    return "triton kernels: compiled (TRITON_INTERPRET unset or 0, CUDA tensors)"
+
+
 @pytest.fixture(scope="session")
 def base_model():
     return tiny_llama()

@@ -63,7 +63,6 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(tb, "HIST_BLOCK", 64)
     monkeypatch.setattr(tb, "KEYS_PER_PROGRAM", 128)
     monkeypatch.setattr(tb, "MAX_PROGRAMS_PER_MATRIX", 3)
-    monkeypatch.setattr(tb, "ROW_BLOCK", 16)
     monkeypatch.setattr(tb, "FUSE_BLOCK", 32)
 
 

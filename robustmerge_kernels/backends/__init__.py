@@ -33,13 +33,26 @@ class _Entry:
     factory: Callable[[], Backend]
     devices: tuple[str, ...]
     priority: int
+    # Devices served only when the backend is named, never by ``auto`` (e.g. triton on CPU
+    # tensors in interpreter mode): a predicate, as the answer can depend on the environment.
+    explicit: Callable[[str], bool] | None = None
+
+    def serves(self, device: str, named: bool) -> bool:
+        return device in self.devices or (named and self.explicit is not None and self.explicit(device))
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_backend(name: str, factory: Callable[[], Backend], devices: tuple[str, ...], priority: int = 0) -> None:
-    _REGISTRY[name] = _Entry(factory, devices, priority)
+def register_backend(
+    name: str,
+    factory: Callable[[], Backend],
+    devices: tuple[str, ...],
+    priority: int = 0,
+    explicit: Callable[[str], bool] | None = None,
+) -> None:
+    """``explicit(device)``: True for further devices the backend serves when named only."""
+    _REGISTRY[name] = _Entry(factory, devices, priority, explicit)
 
 
 def registered_backends() -> list[str]:
@@ -69,7 +82,7 @@ def get_backend(name: str = "auto", device: str = "cpu") -> Backend:
         entry = _REGISTRY.get(name)
         if entry is None:
             raise AdapterError(f"unknown backend {name!r}; registered: {', '.join(registered_backends())}")
-        if device not in entry.devices:
+        if not entry.serves(device, named=True):
             raise AdapterError(f"backend {name!r} does not run on {device!r} tensors (it serves {entry.devices})")
         try:
             return entry.factory()
@@ -106,6 +119,14 @@ def _triton_factory() -> Backend:
     return TritonBackend()  # raises BackendUnavailable itself without triton or a GPU
 
 
+def _triton_explicit(device: str) -> bool:
+    # TRITON_INTERPRET=1 runs the kernels on CPU tensors (slowly): merge(..., backend="triton")
+    # may use it there, `auto` never picks it for CPU tensors.
+    from .triton import interpreter_mode
+
+    return device == "cpu" and interpreter_mode()
+
+
 def _cuda_factory() -> Backend:
     try:
         from .cuda import CudaBackend
@@ -118,5 +139,5 @@ def _cuda_factory() -> Backend:
 register_backend("reference", _reference_factory, devices=("cpu", "cuda", "mps", "xpu"), priority=0)
 register_backend("cpu", _cpu_factory, devices=("cpu",), priority=10)
 # On GPUs the ahead-of-time CUDA kernels are preferred; Triton serves where they are absent.
-register_backend("triton", _triton_factory, devices=("cuda",), priority=20)
+register_backend("triton", _triton_factory, devices=("cuda",), priority=20, explicit=_triton_explicit)
 register_backend("cuda", _cuda_factory, devices=("cuda",), priority=30)

@@ -4,9 +4,16 @@
 As for the CPU backend, this layer owns all memory: ``build_tables`` checks the tensors
 (all on one CUDA device), makes them contiguous and allocates the outputs there; the plan
 tables stay on the host, where the binding validates them (ValueError before any CUDA
-call) and uploads them itself on the caller's current torch CUDA stream. Status,
-thresholds and scales come back in device tensors; reading the status (``.cpu()``, on the
-same stream) is the only synchronisation.
+call) and uploads them itself on the caller's current torch CUDA stream, into a workspace
+allocated here from torch's caching allocator (so the kernels never allocate beside
+torch, which could fail while torch holds the memory cached). Since ``build_tables`` has
+checked every tensor's device, the binding is told to skip its per-address driver checks.
+Status, thresholds and scales come back in device tensors; reading the status (``.cpu()``,
+on the same stream) is the only synchronisation.
+
+The module is built for the architectures in ``_cuda.ARCHITECTURES`` (CMake's list, e.g.
+"80-real,86-real,90"): a GPU none of them runs on (a T4 or V100 for the default list) makes
+the backend unavailable, so ``auto`` falls back to Triton or the reference.
 
 float64 inputs are not a kernel type: such modules go to the reference implementation.
 """
@@ -23,13 +30,43 @@ def _load_extension():
     return load_extension("_cuda", "it is built by `pip install -e .` where nvcc is found")
 
 
-def _group_device(group: list[ModuleInputs]) -> torch.device:
-    devices = {x.device for g in group for x in (*g.a, *g.b)}
-    if len(devices) != 1:
-        raise ValueError(
-            f"the cuda backend needs every tensor of a group on one device, got {sorted(map(str, devices))}"
+def arch_runs_on(architectures: str, capability: tuple[int, int]) -> bool:
+    """Whether a module built for ``architectures`` (CMake CUDA_ARCHITECTURES, comma
+    separated: "80-real" = sm_80 code only, "90-virtual" = compute_90 PTX only, "90" =
+    both) has code for a GPU of compute ``capability`` (major, minor).
+
+    sm_XY code runs on GPUs of the same major version and minor >= Y; PTX for compute_XY
+    is compiled by the driver for any GPU of capability >= X.Y.
+    """
+    major, minor = capability
+    for arch in filter(None, (a.strip() for a in architectures.split(","))):
+        number, _, kind = arch.partition("-")
+        if not number.isdigit():
+            continue  # "all", "native", "unknown": nothing to decide from
+        a_major, a_minor = int(number[:-1]), int(number[-1])
+        real = kind in ("", "real")
+        virtual = kind in ("", "virtual")
+        if real and a_major == major and a_minor <= minor:
+            return True
+        if virtual and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+def _check_arch(ext, device: torch.device) -> None:
+    capability = torch.cuda.get_device_capability(device)
+    if not arch_runs_on(ext.ARCHITECTURES, capability):
+        name = torch.cuda.get_device_name(device)
+        raise BackendUnavailable(
+            f"the CUDA extension is built for {ext.ARCHITECTURES}, which has no code for {name} "
+            f"(compute capability {capability[0]}.{capability[1]}); rebuild with "
+            f"RMK_CMAKE_ARGS=-DCMAKE_CUDA_ARCHITECTURES={capability[0]}{capability[1]} or use the triton backend"
         )
-    (device,) = devices
+
+
+def _group_device(group: list[ModuleInputs]) -> torch.device:
+    """The device of the group's first tensor; build_tables checks that every tensor is there."""
+    device = group[0].a[0].device
     if device.type != "cuda":
         raise ValueError(f"the cuda backend merges CUDA tensors, got {device}")
     return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
@@ -45,24 +82,38 @@ class CudaBackend(KernelBackend):
             raise BackendUnavailable("no CUDA device is available (torch.cuda.is_available() is False)")
         if self._ext.device_count() < 1:
             raise BackendUnavailable(f"the CUDA extension sees no device ({self._ext.device_error()})")
+        _check_arch(self._ext, torch.device("cuda", torch.cuda.current_device()))
+        self._checked = set()  # device indices whose architecture was checked
 
     def _run_kernel(self, group, params, details):
         device = _group_device(group)
+        if device.index not in self._checked:
+            try:
+                _check_arch(self._ext, device)
+            except BackendUnavailable as exc:
+                raise ValueError(str(exc)) from exc
+            self._checked.add(device.index)
+        ext = self._ext
         with torch.cuda.device(device):
             tables = build_tables(group, params, device)  # host tables, outputs on `device`
+            items, b_scale, modules = tables.items.data_ptr(), tables.b_scale.data_ptr(), tables.modules.data_ptr()
+            ws_bytes = ext.workspace_size(items, tables.n_items, b_scale, modules, len(group))
+            workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=device)  # torch's caching allocator
             n_scales = sum(g.plan.rank * len(g.plan.members) for g in group)
             status = torch.zeros(tables.n_items, dtype=torch.int32, device=device)
             module_status = torch.zeros(len(group), dtype=torch.int32, device=device)
             tau = torch.zeros((tables.n_items, 2), dtype=torch.int32, device=device) if details else None
             scales = torch.zeros(n_scales, dtype=torch.float64, device=device) if details else None
             stream = torch.cuda.current_stream(device)
-            self._ext.robustmerge(
-                tables.items.data_ptr(), tables.n_items, tables.b_scale.data_ptr(), tables.modules.data_ptr(),
-                len(group), float(params.lam), stream.cuda_stream, status.data_ptr(), module_status.data_ptr(),
-                tau.data_ptr() if details else 0, scales.data_ptr() if details else 0, device.index,
+            ext.robustmerge(
+                items, tables.n_items, b_scale, modules, len(group), float(params.lam), stream.cuda_stream,
+                status.data_ptr(), module_status.data_ptr(), tau.data_ptr() if details else 0,
+                scales.data_ptr() if details else 0, device.index, workspace.data_ptr(), ws_bytes, False,
             )  # fmt: skip
             # .cpu() runs on the current stream, after the kernels: the one synchronisation.
+            # The workspace is freed (returned to torch's cache) after that, on this stream.
             status_host, module_status_host = status.cpu(), module_status.cpu()
+            del workspace
         ok = not bool(status_host.any())
         raise_kernel_status(group, tables, ok, status_host, module_status_host)
         if not details:

@@ -14,7 +14,9 @@ tables are.
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 
 import torch
 
@@ -31,6 +33,8 @@ ITEM = {name: i for i, name in enumerate(ITEM_COLUMNS)}  # column index by name
 MODULE = {name: i for i, name in enumerate(MODULE_COLUMNS)}
 KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # input types of the kernels
 OUT_DTYPES = {**KERNEL_DTYPES, torch.float64: 3}
+_SHAPE_DTYPE_DEVICE = attrgetter("shape", "dtype", "device")
+_FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
 @dataclass
@@ -71,21 +75,90 @@ def _check_input(x: torch.Tensor, device: torch.device, what: str) -> torch.Tens
 def build_tables(group: list[ModuleInputs], params: RobustMergeParams, device: torch.device) -> PlanTables:
     """Tables for ``group`` (all kernel-supported), with outputs allocated on ``device``.
 
-    The tables themselves stay on the CPU; a GPU backend copies them over.
+    The tables themselves stay on the CPU; a GPU backend copies them over. The usual case
+    (every input contiguous, of a kernel dtype, on ``device``, shaped as planned) is checked
+    and tabled with a few C-level passes over all tensors at once (``_fast_tables``: about
+    0.3 us per tensor instead of 5, so a llava-7b T = 8 plan of 3,584 tensors costs well
+    under 1 ms); anything else goes through ``_checked_tables``, the per-item loop that makes
+    contiguous copies and names the module, member and reason of any error. Both give the
+    same tables (tests/test_gpu_host.py compares them on random groups).
     """
-    items, b_scale, modules, keep, outputs = [], [], [], [], []
+    for g in group:  # refused before any allocation, as the per-item path does
+        if g.plan.out_dtype not in OUT_DTYPES:
+            raise ValueError(f"kernels cannot write {g.plan.out_dtype} for {g.plan.name}")
+    fast = _fast_tables(group, params, device)
+    return fast if fast is not None else _checked_tables(group, params, device)
+
+
+def _module_rows(group: list[ModuleInputs], params: RobustMergeParams, device: torch.device):
+    """Outputs allocated on ``device`` and the module table rows (shared by both paths)."""
+    rows, outputs, first = [], [], 0
     for g in group:
         p = g.plan
-        if p.out_dtype not in OUT_DTYPES:
-            raise ValueError(f"kernels cannot write {p.out_dtype} for {p.name}")
         out_a = torch.empty((p.rank, p.in_features), dtype=p.out_dtype, device=device)
         out_b = torch.empty((p.out_features, p.rank), dtype=p.out_dtype, device=device)
         outputs.append((out_a, out_b))
         clamp_index = min(int(p.rank * params.clamp_quantile), p.rank - 1)
-        modules.append([
-            p.rank, p.in_features, p.out_features, len(items), len(p.members),
+        rows.append([
+            p.rank, p.in_features, p.out_features, first, len(p.members),
             out_a.data_ptr(), out_b.data_ptr(), OUT_DTYPES[p.out_dtype], clamp_index,
         ])  # fmt: skip
+        first += min(len(g.a), len(g.b))  # the items tabled for this module
+    return rows, outputs
+
+
+def _int64_column(values: list[int]) -> torch.Tensor:
+    # array('q') converts a list of Python ints in C, about twice as fast as torch.tensor(list).
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64) if values else torch.empty(0, dtype=torch.int64)
+
+
+def _fast_tables(group: list[ModuleInputs], params: RobustMergeParams, device: torch.device) -> PlanTables | None:
+    """The tables from whole-group passes (map over C-level accessors), or None when some
+    tensor needs the checked path (wrong device, dtype or shape, or not contiguous)."""
+    a = [x for g in group for x in g.a]
+    b = [x for g in group for x in g.b]
+    members = [len(g.plan.members) for g in group]
+    if any(not len(g.a) == len(g.b) == len(g.plan.b_scale) == n for g, n in zip(group, members)):
+        return None
+    xs = a + b
+    meta = list(map(_SHAPE_DTYPE_DEVICE, xs))  # one C-level pass: (shape, dtype, device) per tensor
+    if set(map(_THIRD, meta)) != {device} or not all(map(torch.Tensor.is_contiguous, xs)):
+        return None
+    dtypes = list(map(_SECOND, meta))
+    if not set(dtypes) <= KERNEL_DTYPES.keys():
+        return None
+    expected = [(g.plan.rank, g.plan.in_features) for g in group for _ in g.a]
+    expected += [(g.plan.out_features, g.plan.rank) for g in group for _ in g.b]
+    if list(map(_FIRST, meta)) != expected:  # torch.Size == tuple elementwise
+        return None
+    codes = list(map(KERNEL_DTYPES.__getitem__, dtypes))
+    ptrs = list(map(torch.Tensor.data_ptr, xs))
+    W = len(a)
+    k_a = [prune_count(g.plan.rank * g.plan.in_features, params.density) for g in group]
+    k_b = [prune_count(g.plan.out_features * g.plan.rank, params.density) for g in group]
+    columns = [
+        _int64_column(ptrs[:W]), _int64_column(ptrs[W:]), _int64_column(codes[:W]), _int64_column(codes[W:]),
+        _int64_column([k for k, n in zip(k_a, members) for _ in range(n)]),
+        _int64_column([k for k, n in zip(k_b, members) for _ in range(n)]),
+    ]  # fmt: skip
+    rows, outputs = _module_rows(group, params, device)
+    b_scale = [s for g in group for s in g.plan.b_scale]
+    return PlanTables(
+        items=torch.stack(columns, 1),
+        modules=torch.tensor(rows, dtype=torch.int64),
+        b_scale=torch.tensor(b_scale, dtype=torch.float64),
+        outputs=outputs,
+        members=members,
+        keep_alive=xs,
+    )
+
+
+def _checked_tables(group: list[ModuleInputs], params: RobustMergeParams, device: torch.device) -> PlanTables:
+    """The per-item path: checks every tensor with an error naming it, copies
+    non-contiguous ones."""
+    items, b_scale, keep = [], [], []
+    for g in group:
+        p = g.plan
         for j, (a, b) in enumerate(zip(g.a, g.b)):
             a = _check_input(a, device, f"{p.name} lora_A of member {j}")
             b = _check_input(b, device, f"{p.name} lora_B of member {j}")
@@ -97,9 +170,10 @@ def build_tables(group: list[ModuleInputs], params: RobustMergeParams, device: t
                 prune_count(a.numel(), params.density), prune_count(b.numel(), params.density),
             ])  # fmt: skip
             b_scale.append(p.b_scale[j])
+    rows, outputs = _module_rows(group, params, device)
     return PlanTables(
-        items=torch.tensor(items, dtype=torch.int64),
-        modules=torch.tensor(modules, dtype=torch.int64),
+        items=torch.tensor(items, dtype=torch.int64).reshape(-1, len(ITEM_COLUMNS)),
+        modules=torch.tensor(rows, dtype=torch.int64),
         b_scale=torch.tensor(b_scale, dtype=torch.float64),
         outputs=outputs,
         members=[len(g.plan.members) for g in group],

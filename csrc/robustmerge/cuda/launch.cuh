@@ -1,8 +1,14 @@
 // Host driver of the CUDA kernels (kernels.cuh): validation of the HOST copies of the plan
-// tables, one workspace allocation, one upload, three launches, and copies of the results,
-// all enqueued on the caller's stream. Nothing here synchronises the host with the device
-// (except the brief staging copy of the pageable host tables that cudaMemcpyAsync does), so
-// the caller reads the status array after the stream's work (torch does so on .cpu()).
+// tables, the workspace layout, one upload, four launches and copies of the results, all
+// enqueued on the caller's stream. Nothing here synchronises the host with the device
+// (except the brief staging copy of the pageable host tables that cudaMemcpyAsync does),
+// so the caller reads the status array after the stream's work (torch does so on .cpu()).
+//
+// Host cost per call is kept to O(items + modules) integer work: validation builds no
+// message unless a row fails, the workspace can come from the caller (torch's caching
+// allocator: no cudaMallocAsync beside it), and the per-address driver checks
+// (cudaPointerGetAttributes, one per table address: ~4,000 for llava-7b T = 8) are
+// skipped when the caller has already checked where its tensors live.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -13,23 +19,59 @@
 #include <string>
 #include <vector>
 
+#include "../robustmerge_cpu.h"  // MergeTables, robustmerge::validate (the CPU kernel's checks and messages)
 #include "kernels.cuh"
 
 namespace robustmerge {
 namespace cuda {
 
-// The CPU kernel's validation (robustmerge_cpu.h) on the host tables, reworded for this
-// backend, plus the limit the device code relies on (32-bit counts and column indices).
+static_assert(kBins == robustmerge::kBins, "the CUDA first pass uses the CPU histogram's bins");
+
+// The conditions of robustmerge::validate (robustmerge_cpu.h), without a std::string per
+// row: true when the tables are valid. Keep in step with that function; validate() below
+// falls back to it for the message, and tests/test_cuda_backend.py checks every message.
+inline bool tables_valid(const MergeTables& t) {
+  if (t.n_items < 1 || t.n_modules < 1) return false;
+  if (!t.items || !t.modules || !t.b_scale || !t.status) return false;
+  int64_t expected_first = 0;
+  for (int64_t m = 0; m < t.n_modules; ++m) {
+    const int64_t* row = t.modules + m * kModCols;
+    if (row[kModRank] < 1 || row[kModIn] < 1 || row[kModOut] < 1) return false;
+    if (row[kModFirst] != expected_first || row[kModMembers] < 1) return false;
+    expected_first += row[kModMembers];
+    if (expected_first > t.n_items) return false;
+    if (!row[kModOutA] || !row[kModOutB]) return false;
+    const int64_t od = row[kModOutDtype];
+    if (od != kF32 && od != kF16 && od != kBF16 && od != kF64) return false;
+    if (row[kModClampIndex] < 0 || row[kModClampIndex] >= row[kModRank]) return false;
+    for (int64_t i = row[kModFirst]; i < row[kModFirst] + row[kModMembers]; ++i) {
+      const int64_t* it = t.items + i * kItemCols;
+      if (!it[kItemA] || !it[kItemB]) return false;
+      for (int col : {kItemADtype, kItemBDtype})
+        if (it[col] != kF32 && it[col] != kF16 && it[col] != kBF16) return false;
+      if (it[kItemKA] < 0 || it[kItemKA] > row[kModRank] * row[kModIn]) return false;
+      if (it[kItemKB] < 0 || it[kItemKB] > row[kModRank] * row[kModOut]) return false;
+    }
+  }
+  return expected_first == t.n_items;
+}
+
+// The CPU kernel's validation reworded for this backend, plus the limit the device code
+// relies on (32-bit counts and column indices). ValueError (std::invalid_argument) names
+// the first bad row.
 inline void validate(const MergeTables& t) {
-  const std::string prefix = "robustmerge cpu kernel: ";
-  try {
-    MergeTables host = t;
-    host.n_threads = 1;
-    robustmerge::validate(host);
-  } catch (const std::invalid_argument& e) {
-    std::string what = e.what();
-    if (what.compare(0, prefix.size(), prefix) == 0) what = what.substr(prefix.size());
-    throw std::invalid_argument("robustmerge cuda kernel: " + what);
+  if (!tables_valid(t)) {
+    const std::string prefix = "robustmerge cpu kernel: ";
+    try {
+      MergeTables host = t;
+      host.n_threads = 1;
+      robustmerge::validate(host);
+    } catch (const std::invalid_argument& e) {
+      std::string what = e.what();
+      if (what.compare(0, prefix.size(), prefix) == 0) what = what.substr(prefix.size());
+      throw std::invalid_argument("robustmerge cuda kernel: " + what);
+    }
+    throw std::invalid_argument("robustmerge cuda kernel: invalid plan tables");  // tables_valid is stricter
   }
   for (int64_t m = 0; m < t.n_modules; ++m) {
     const int64_t* row = t.modules + m * kModCols;
@@ -66,11 +108,11 @@ inline void check_device_address(const void* ptr, int dev, const char* what, int
                                 std::to_string(attr.device) + ", the kernels run on device " + std::to_string(dev));
 }
 
-struct Outputs {         // device addresses (0: not wanted)
-  int32_t* status;       // [n_items], required
+struct Outputs {           // device addresses (0: not wanted)
+  int32_t* status;         // [n_items], required
   int32_t* module_status;  // [n_modules]
-  uint32_t* tau;         // [n_items, 2]
-  double* scales;        // items' ranks concatenated
+  uint32_t* tau;           // [n_items, 2]
+  double* scales;          // items' ranks concatenated
 };
 
 // Workspace layout: an uploaded part (tables and derived tables) and a zeroed part
@@ -88,70 +130,135 @@ class Layout {
   size_t size_ = 0;
 };
 
+// Derived tables and the workspace layout of validated tables `t`.
+struct HostPlan {
+  std::vector<int64_t> item_module, scale_offset, part_offset, tile_first_a, tile_first_b;
+  int64_t W = 0, M = 0, S = 0, P = 0;
+  size_t o_items, o_modules, o_bscale, o_item_module, o_scale_offset, o_part_offset, o_tiles_a, o_tiles_b, upload;
+  size_t o_tau, o_scales, o_lo, o_weights, o_partials, o_status, o_overflow, o_flag, total;
+
+  explicit HostPlan(const MergeTables& t) : W(t.n_items), M(t.n_modules) {
+    item_module.resize(W);
+    scale_offset.assign(W + 1, 0);
+    part_offset.assign(W + 1, 0);
+    tile_first_a.assign(M + 1, 0);
+    tile_first_b.assign(M + 1, 0);
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t* md = t.modules + m * kModCols;
+      const int64_t r = md[kModRank];
+      for (int64_t i = md[kModFirst]; i < md[kModFirst] + md[kModMembers]; ++i) {
+        item_module[i] = m;
+        scale_offset[i + 1] = scale_offset[i] + r;
+        part_offset[i + 1] = part_offset[i] + r * segments_per_row(md[kModIn]);
+      }
+      tile_first_a[m + 1] = tile_first_a[m] + tiles_a(r, md[kModIn]);
+      tile_first_b[m + 1] = tile_first_b[m] + tiles_b(r, md[kModOut]);
+    }
+    S = scale_offset[W];
+    P = part_offset[W];
+    Layout lay;
+    o_items = lay.add(sizeof(int64_t) * W * kItemCols);
+    o_modules = lay.add(sizeof(int64_t) * M * kModCols);
+    o_bscale = lay.add(sizeof(double) * W);
+    o_item_module = lay.add(sizeof(int64_t) * W);
+    o_scale_offset = lay.add(sizeof(int64_t) * (W + 1));
+    o_part_offset = lay.add(sizeof(int64_t) * (W + 1));
+    o_tiles_a = lay.add(sizeof(int64_t) * (M + 1));
+    o_tiles_b = lay.add(sizeof(int64_t) * (M + 1));
+    upload = lay.size();
+    o_tau = lay.add(sizeof(uint32_t) * 2 * W);
+    o_scales = lay.add(sizeof(double) * S);
+    o_lo = lay.add(sizeof(double) * W);
+    o_weights = lay.add(sizeof(float) * S);
+    o_partials = lay.add(sizeof(double) * 2 * P);
+    o_status = lay.add(sizeof(int32_t) * W);
+    o_overflow = lay.add(sizeof(int32_t) * M);
+    o_flag = lay.add(sizeof(int32_t));
+    total = lay.size();
+  }
+
+  int64_t n_tiles_a() const { return tile_first_a[M]; }
+  int64_t n_tiles_b() const { return tile_first_b[M]; }
+
+  std::vector<unsigned char> host_image(const MergeTables& t) const {
+    std::vector<unsigned char> host(upload, 0);
+    std::memcpy(host.data() + o_items, t.items, sizeof(int64_t) * W * kItemCols);
+    std::memcpy(host.data() + o_modules, t.modules, sizeof(int64_t) * M * kModCols);
+    std::memcpy(host.data() + o_bscale, t.b_scale, sizeof(double) * W);
+    std::memcpy(host.data() + o_item_module, item_module.data(), sizeof(int64_t) * W);
+    std::memcpy(host.data() + o_scale_offset, scale_offset.data(), sizeof(int64_t) * (W + 1));
+    std::memcpy(host.data() + o_part_offset, part_offset.data(), sizeof(int64_t) * (W + 1));
+    std::memcpy(host.data() + o_tiles_a, tile_first_a.data(), sizeof(int64_t) * (M + 1));
+    std::memcpy(host.data() + o_tiles_b, tile_first_b.data(), sizeof(int64_t) * (M + 1));
+    return host;
+  }
+
+  DevicePlan device_plan(unsigned char* ws, float lam) const {
+    DevicePlan p;
+    p.items = reinterpret_cast<const int64_t*>(ws + o_items);
+    p.modules = reinterpret_cast<const int64_t*>(ws + o_modules);
+    p.b_scale = reinterpret_cast<const double*>(ws + o_bscale);
+    p.item_module = reinterpret_cast<const int64_t*>(ws + o_item_module);
+    p.scale_offset = reinterpret_cast<const int64_t*>(ws + o_scale_offset);
+    p.part_offset = reinterpret_cast<const int64_t*>(ws + o_part_offset);
+    p.tile_first_a = reinterpret_cast<const int64_t*>(ws + o_tiles_a);
+    p.tile_first_b = reinterpret_cast<const int64_t*>(ws + o_tiles_b);
+    p.n_modules = M;
+    p.tau = reinterpret_cast<uint32_t*>(ws + o_tau);
+    p.scales = reinterpret_cast<double*>(ws + o_scales);
+    p.lo = reinterpret_cast<double*>(ws + o_lo);
+    p.weights = reinterpret_cast<float*>(ws + o_weights);
+    p.partials = reinterpret_cast<double*>(ws + o_partials);
+    p.status = reinterpret_cast<int32_t*>(ws + o_status);
+    p.overflow = reinterpret_cast<int32_t*>(ws + o_overflow);
+    p.any_bad = reinterpret_cast<int32_t*>(ws + o_flag);
+    p.lam = lam;
+    return p;
+  }
+};
+
 // Runs the merge described by the validated host tables `t` (whose item and output
 // addresses are device addresses on `device`; -1: the current device) on `stream`.
-inline void robustmerge_cuda(const MergeTables& t, int device, cudaStream_t stream, const Outputs& out) {
-  const int64_t W = t.n_items, M = t.n_modules;
-  // Derived tables, on the host: item -> module, item -> first scale, fusion tiles.
-  std::vector<int64_t> item_module(W), scale_offset(W + 1, 0), tiles;
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t* md = t.modules + m * kModCols;
-    for (int64_t i = md[kModFirst]; i < md[kModFirst] + md[kModMembers]; ++i) item_module[i] = m;
-    const int64_t r = md[kModRank];
-    const int64_t sizes[2] = {r * md[kModIn], md[kModOut] * r};
-    for (int64_t is_b = 0; is_b < 2; ++is_b)
-      for (int64_t s = 0; s < sizes[is_b]; s += kTile) tiles.insert(tiles.end(), {m, is_b, s, std::min(kTile, sizes[is_b] - s)});
-  }
-  for (int64_t i = 0; i < W; ++i) scale_offset[i + 1] = scale_offset[i] + t.modules[item_module[i] * kModCols + kModRank];
-  const int64_t S = scale_offset[W];
-  const int64_t n_tiles = int64_t(tiles.size()) / kTileCols;
-
-  Layout lay;
-  const size_t o_items = lay.add(sizeof(int64_t) * W * kItemCols);
-  const size_t o_modules = lay.add(sizeof(int64_t) * M * kModCols);
-  const size_t o_bscale = lay.add(sizeof(double) * W);
-  const size_t o_item_module = lay.add(sizeof(int64_t) * W);
-  const size_t o_scale_offset = lay.add(sizeof(int64_t) * (W + 1));
-  const size_t o_tiles = lay.add(sizeof(int64_t) * tiles.size());
-  const size_t upload = lay.size();
-  const size_t o_tau = lay.add(sizeof(uint32_t) * 2 * W);
-  const size_t o_scales = lay.add(sizeof(double) * S);
-  const size_t o_weights = lay.add(sizeof(float) * S);
-  const size_t o_status = lay.add(sizeof(int32_t) * W);
-  const size_t o_overflow = lay.add(sizeof(int32_t) * M);
-  const size_t o_flag = lay.add(sizeof(int32_t));
-  const size_t total = lay.size();
-
-  std::vector<unsigned char> host(upload, 0);
-  std::memcpy(host.data() + o_items, t.items, sizeof(int64_t) * W * kItemCols);
-  std::memcpy(host.data() + o_modules, t.modules, sizeof(int64_t) * M * kModCols);
-  std::memcpy(host.data() + o_bscale, t.b_scale, sizeof(double) * W);
-  std::memcpy(host.data() + o_item_module, item_module.data(), sizeof(int64_t) * W);
-  std::memcpy(host.data() + o_scale_offset, scale_offset.data(), sizeof(int64_t) * (W + 1));
-  std::memcpy(host.data() + o_tiles, tiles.data(), sizeof(int64_t) * tiles.size());
+// `ws` / `ws_bytes`: a device workspace of at least HostPlan(t).total bytes (its content
+// does not matter), or null to allocate one stream-ordered here. `check_addresses`: ask
+// the driver where every table address lives (callers that checked their tensors skip it).
+inline void robustmerge_cuda(const MergeTables& t, int device, cudaStream_t stream, const Outputs& out,
+                             unsigned char* ws = nullptr, size_t ws_bytes = 0, bool check_addresses = true) {
+  const HostPlan hp(t);
+  if (ws && ws_bytes < hp.total)
+    throw std::invalid_argument("robustmerge cuda kernel: workspace of " + std::to_string(ws_bytes) +
+                                " bytes, the plan needs " + std::to_string(hp.total));
+  const std::vector<unsigned char> host = hp.host_image(t);
+  const int64_t W = hp.W, M = hp.M;
 
   if (device >= 0) check(cudaSetDevice(device), "cudaSetDevice");
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
-  for (int64_t i = 0; i < W; ++i) {
-    check_device_address(reinterpret_cast<const void*>(t.items[i * kItemCols + kItemA]), dev, "item input A", i);
-    check_device_address(reinterpret_cast<const void*>(t.items[i * kItemCols + kItemB]), dev, "item input B", i);
+  if (check_addresses) {
+    for (int64_t i = 0; i < W; ++i) {
+      check_device_address(reinterpret_cast<const void*>(t.items[i * kItemCols + kItemA]), dev, "item input A", i);
+      check_device_address(reinterpret_cast<const void*>(t.items[i * kItemCols + kItemB]), dev, "item input B", i);
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      check_device_address(reinterpret_cast<const void*>(t.modules[m * kModCols + kModOutA]), dev, "module output A", m);
+      check_device_address(reinterpret_cast<const void*>(t.modules[m * kModCols + kModOutB]), dev, "module output B", m);
+    }
+    check_device_address(out.status, dev, "status", -1);
+    if (out.module_status) check_device_address(out.module_status, dev, "module_status", -1);
+    if (out.tau) check_device_address(out.tau, dev, "tau_out", -1);
+    if (out.scales) check_device_address(out.scales, dev, "scales_out", -1);
+    if (ws) check_device_address(ws, dev, "workspace", -1);
   }
-  for (int64_t m = 0; m < M; ++m) {
-    check_device_address(reinterpret_cast<const void*>(t.modules[m * kModCols + kModOutA]), dev, "module output A", m);
-    check_device_address(reinterpret_cast<const void*>(t.modules[m * kModCols + kModOutB]), dev, "module output B", m);
-  }
-  check_device_address(out.status, dev, "status", -1);
-  if (out.module_status) check_device_address(out.module_status, dev, "module_status", -1);
-  if (out.tau) check_device_address(out.tau, dev, "tau_out", -1);
-  if (out.scales) check_device_address(out.scales, dev, "scales_out", -1);
   int pools = 0;
-  check(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev), "cudaDeviceGetAttribute");
-  unsigned char* ws = nullptr;
-  check(pools ? cudaMallocAsync(reinterpret_cast<void**>(&ws), total, stream)
-              : cudaMalloc(reinterpret_cast<void**>(&ws), total),
-        "workspace allocation");
+  const bool own = ws == nullptr;
+  if (own) {
+    check(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev), "cudaDeviceGetAttribute");
+    check(pools ? cudaMallocAsync(reinterpret_cast<void**>(&ws), hp.total, stream)
+                : cudaMalloc(reinterpret_cast<void**>(&ws), hp.total),
+          "workspace allocation");
+  }
   auto release = [&]() {  // stream-ordered free; without memory pools, wait for the stream first
+    if (!own) return;
     if (pools) {
       cudaFreeAsync(ws, stream);
     } else {
@@ -161,35 +268,24 @@ inline void robustmerge_cuda(const MergeTables& t, int device, cudaStream_t stre
   };
   try {
     // Pageable source: returns once the bytes are staged, so `host` may be freed after.
-    check(cudaMemcpyAsync(ws, host.data(), upload, cudaMemcpyHostToDevice, stream), "upload of the plan tables");
-    check(cudaMemsetAsync(ws + upload, 0, total - upload, stream), "cudaMemsetAsync");
-    DevicePlan p;
-    p.items = reinterpret_cast<const int64_t*>(ws + o_items);
-    p.modules = reinterpret_cast<const int64_t*>(ws + o_modules);
-    p.b_scale = reinterpret_cast<const double*>(ws + o_bscale);
-    p.item_module = reinterpret_cast<const int64_t*>(ws + o_item_module);
-    p.scale_offset = reinterpret_cast<const int64_t*>(ws + o_scale_offset);
-    p.tiles = reinterpret_cast<const int64_t*>(ws + o_tiles);
-    p.tau = reinterpret_cast<uint32_t*>(ws + o_tau);
-    p.scales = reinterpret_cast<double*>(ws + o_scales);
-    p.weights = reinterpret_cast<float*>(ws + o_weights);
-    p.status = reinterpret_cast<int32_t*>(ws + o_status);
-    p.overflow = reinterpret_cast<int32_t*>(ws + o_overflow);
-    p.any_bad = reinterpret_cast<int32_t*>(ws + o_flag);
-    p.lam = static_cast<float>(t.lam);
+    check(cudaMemcpyAsync(ws, host.data(), hp.upload, cudaMemcpyHostToDevice, stream), "upload of the plan tables");
+    check(cudaMemsetAsync(ws + hp.upload, 0, hp.total - hp.upload, stream), "cudaMemsetAsync");
+    const DevicePlan p = hp.device_plan(ws, static_cast<float>(t.lam));
     select_kernel<<<unsigned(2 * W), kSelectThreads, 0, stream>>>(p);
     check(cudaGetLastError(), "select_kernel launch");
+    fuse_a_kernel<<<unsigned(hp.n_tiles_a()), kFuseThreads, 0, stream>>>(p);
+    check(cudaGetLastError(), "fuse_a_kernel launch");
     weights_kernel<<<unsigned(M), kWeightThreads, 0, stream>>>(p);
     check(cudaGetLastError(), "weights_kernel launch");
-    fuse_kernel<<<unsigned(n_tiles), kFuseThreads, 0, stream>>>(p);
-    check(cudaGetLastError(), "fuse_kernel launch");
+    fuse_b_kernel<<<unsigned(hp.n_tiles_b()), kFuseThreads, 0, stream>>>(p);
+    check(cudaGetLastError(), "fuse_b_kernel launch");
     auto copy = [&](void* dst, size_t from, size_t bytes) {
       if (dst) check(cudaMemcpyAsync(dst, ws + from, bytes, cudaMemcpyDeviceToDevice, stream), "result copy");
     };
-    copy(out.status, o_status, sizeof(int32_t) * W);
-    copy(out.module_status, o_overflow, sizeof(int32_t) * M);
-    copy(out.tau, o_tau, sizeof(uint32_t) * 2 * W);
-    copy(out.scales, o_scales, sizeof(double) * S);
+    copy(out.status, hp.o_status, sizeof(int32_t) * W);
+    copy(out.module_status, hp.o_overflow, sizeof(int32_t) * M);
+    copy(out.tau, hp.o_tau, sizeof(uint32_t) * 2 * W);
+    copy(out.scales, hp.o_scales, sizeof(double) * hp.S);
   } catch (...) {
     release();
     throw;

@@ -3,11 +3,14 @@
 Phases (kernels in this package: select.py, scales.py, fuse.py), each covering every
 (module, adapter) pair of the group in one launch:
 
-  1. thresholds: histogram radix select on the magnitude keys, 2 passes (16-bit) or
-     3 passes (float32) of ``hist_kernel`` + ``select_kernel``; pass 1 also finds inf/NaN;
-  2. ``rowsum_kernel``: row sums of |A| and kept |A| (float64), raw A-row scales;
-  3. ``weights_kernel``: per-task clamp and the normalised fusion weights;
-  4. ``fuse_kernel``: the fused normalised sum across adapters into the outputs.
+  1. thresholds: histogram radix select on the magnitude keys, one ``hist_kernel`` launch
+     per digit (2 for 16-bit keys; 3 or 4 for float32, by the digit width
+     ``select.digit_bits()`` picks for the installed triton); the last program of each
+     matrix fixes the digit in the same launch; pass 1 also finds inf/NaN;
+  2. ``fuse_kernel`` FACTOR 0: A*, and per (row, chunk) the sums of |A| and kept |A|
+     (float64) from the same loads;
+  3. ``weights_kernel``: A-row scales from those sums, per-task clamp, normalised weights;
+  4. ``fuse_kernel`` FACTOR 1: B*.
 
 The host reads the status buffers once, after the last phase (one synchronisation per
 group). On a GPU the inputs must be CUDA tensors and the tables are copied to the device.
@@ -18,12 +21,13 @@ a GPU. float64 modules take the reference path, as in the CPU backend.
 
 from __future__ import annotations
 
-import os
+import contextlib
 
 import torch
 
 from ..base import BackendUnavailable, KernelBackend, ModuleInputs
 from ..tables import ITEM, KERNEL_DTYPES, MODULE, build_tables, raise_kernel_status, unpack_details
+from . import interpreter_mode
 
 try:
     import triton
@@ -34,18 +38,17 @@ else:
     _IMPORT_ERROR = ""
 
 HIST_BLOCK = 2048  # keys per histogram step
-ROW_BLOCK = 1024  # columns of A per row-sum step
-FUSE_BLOCK = 1024  # output elements per fusion step
+FUSE_BLOCK = 1024  # output elements per fusion step (A*: columns of one row)
 MAX_PROGRAMS_PER_MATRIX = 32  # grid-stride programs per matrix (selection) / per module (fusion)
 KEYS_PER_PROGRAM = 8 * HIST_BLOCK  # selection: each program sums its histogram over >= this many keys
-STATE_COLS = 4  # common.py: prefix, rank, active, numel
+STATE_COLS = 5  # common.py: prefix, rank, active, numel, count
+# float32 matrices with more than two digits: pass 1 copies the keys of pass 0's digit (if
+# at most this many) to a per-matrix buffer, and the later passes read those instead of the
+# matrix. 32 KB per matrix.
+CANDIDATES_PER_MATRIX = 8192
 # Multiply, then add (no FMA contraction), as the C++ kernels and the reference do; explicit
 # because Triton's default changes in 3.10.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
-
-
-def interpreter_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class TritonBackend(KernelBackend):
@@ -72,8 +75,14 @@ class TritonBackend(KernelBackend):
         return device
 
     def _run_kernel(self, group, params, details):
-        k = self._k
         device = self._device(group)
+        # Triton launches on the current CUDA device: inputs on cuda:1 need cuda:1 current.
+        guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return self._run_on_device(group, params, details, device)
+
+    def _run_on_device(self, group, params, details, device):
+        k = self._k
         tables = build_tables(group, params, device)
         W, M = tables.n_items, len(group)
         items_h, modules_h = tables.items, tables.modules
@@ -94,8 +103,12 @@ class TritonBackend(KernelBackend):
         state[:, 1] = ks.reshape(-1).to(torch.int32)  # rank of tau: k
         state[:, 2] = (ks.reshape(-1) >= 1).to(torch.int32)  # k < 1: keep all, tau = 0
         state[:, 3] = numel.reshape(-1).to(torch.int32)
-        wide = bool((items_h[:, [ITEM["a_dtype"], ITEM["b_dtype"]]] == KERNEL_DTYPES[torch.float32]).any())  # a third digit
-        passes = 3 if wide else 2
+        wide = bool((items_h[:, [ITEM["a_dtype"], ITEM["b_dtype"]]] == KERNEL_DTYPES[torch.float32]).any())
+        bits = k.digit_bits()
+        passes = k.passes(bits, wide)
+        # Whole blocks load 16-byte vectors when every input address allows it (torch's
+        # allocations do; views into a buffer at odd offsets may not).
+        aligned = bool((items_h[:, [ITEM["a"], ITEM["b"]]] % 16 == 0).all())
         n_scales = int(scale_offset[-1])
         rank_block = triton.next_power_of_2(int(ranks.max()))
 
@@ -103,41 +116,44 @@ class TritonBackend(KernelBackend):
             return x.to(device, non_blocking=True) if device.type != "cpu" else x
 
         items, modules, b_scale = dev(items_h), dev(modules_h), dev(tables.b_scale)
-        item_module, scale_offset_d, state = dev(item_module), dev(scale_offset[:-1].contiguous()), dev(state)
-        hist = torch.zeros((passes, 2 * W, 2048), dtype=torch.int32, device=device)
+        scale_offset_d, state = dev(scale_offset[:-1].contiguous()), dev(state)
+        compact = passes > 2  # only float32 keys have digits after pass 1
+        cap = CANDIDATES_PER_MATRIX if compact else 1
+        cand = torch.empty((2 * W if compact else 1) * cap, dtype=torch.int32, device=device)
+        cand_count = torch.zeros(2 * W if compact else 1, dtype=torch.int32, device=device)
+        hist = torch.zeros((passes, 2 * W, 1 << bits), dtype=torch.int32, device=device)
+        arrive = torch.zeros((passes, 2 * W), dtype=torch.int32, device=device)  # programs done, per pass
         status = torch.zeros(2 * W, dtype=torch.int32, device=device)
         module_status = torch.zeros(M, dtype=torch.int32, device=device)
         raw_scales = torch.empty(n_scales, dtype=torch.float64, device=device)
+        # Row-sum partials of the A fusion: per item, rank x ceil(in_features / FUSE_BLOCK) (total, kept).
+        chunks = (modules_h[:, MODULE["in_features"]] + FUSE_BLOCK - 1) // FUSE_BLOCK
+        item_parts = torch.repeat_interleave(ranks * chunks, members)
+        part_offset = torch.zeros(W + 1, dtype=torch.int64)
+        torch.cumsum(item_parts, 0, out=part_offset[1:])
+        partials = torch.empty(2 * int(part_offset[-1]), dtype=torch.float64, device=device)
+        part_offset_d = dev(part_offset[:-1].contiguous())
         scales = torch.empty(n_scales, dtype=torch.float64, device=device)
         weights = torch.empty(n_scales, dtype=torch.float32, device=device)
 
         max_numel = int(numel.max())
         per_matrix = max(1, min(MAX_PROGRAMS_PER_MATRIX, triton.cdiv(max_numel, KEYS_PER_PROGRAM)))
         for p in range(passes):
-            k.hist_kernel[(2 * W, per_matrix)](items, state, hist[p], PASS=p, BLOCK=HIST_BLOCK, **LAUNCH_OPTIONS)
-            k.select_kernel[(2 * W,)](
-                items, state, hist[p], status, PASS=p, LAST_PASS=p == passes - 1, **LAUNCH_OPTIONS
-            )
-        k.rowsum_kernel[(W, max(1, min(int(ranks.max()), 64)))](
-            items, modules, item_module, scale_offset_d, state, raw_scales, BLOCK=ROW_BLOCK, **LAUNCH_OPTIONS
-        )
-        k.weights_kernel[(M,)](
-            modules, scale_offset_d, raw_scales, scales, weights, RANK_BLOCK=rank_block, **LAUNCH_OPTIONS
-        )
+            k.hist_kernel[(2 * W, per_matrix)](
+                items, state, hist[p], arrive[p], status, cand, cand_count, PASS=p, LAST_PASS=p == passes - 1,
+                BITS=bits, BLOCK=HIST_BLOCK, ALIGNED=aligned, CAP=cap, CAPTURE=compact and p == 1,
+                FROM_CANDIDATES=compact and p >= 2, **LAUNCH_OPTIONS,
+            )  # fmt: skip
         max_out = int((ranks * torch.maximum(modules_h[:, MODULE["in_features"]], modules_h[:, MODULE["out_features"]])).max())
         per_module = max(1, min(MAX_PROGRAMS_PER_MATRIX * 4, triton.cdiv(max_out, FUSE_BLOCK)))
-        k.fuse_kernel[(M, per_module)](
-            items,
-            modules,
-            b_scale,
-            scale_offset_d,
-            state,
-            weights,
-            module_status,
-            float(params.lam),
-            BLOCK=FUSE_BLOCK,
-            **LAUNCH_OPTIONS,
-        )
+        fuse_args = (items, modules, b_scale, scale_offset_d, part_offset_d, partials, state, weights, module_status,
+                     float(params.lam))  # fmt: skip
+        k.fuse_kernel[(M, per_module)](*fuse_args, FACTOR=0, BLOCK=FUSE_BLOCK, **LAUNCH_OPTIONS)
+        k.weights_kernel[(M,)](
+            modules, scale_offset_d, part_offset_d, partials, raw_scales, scales, weights, RANK_BLOCK=rank_block,
+            CHUNK=FUSE_BLOCK, **LAUNCH_OPTIONS,
+        )  # fmt: skip
+        k.fuse_kernel[(M, per_module)](*fuse_args, FACTOR=1, BLOCK=FUSE_BLOCK, **LAUNCH_OPTIONS)
 
         status = status.cpu().view(W, 2)
         item_status = status[:, 0] | (status[:, 1] << 1)

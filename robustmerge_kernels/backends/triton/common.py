@@ -42,15 +42,14 @@ ST_PREFIX: tl.constexpr = tl.constexpr(0)  # key bits fixed so far; the threshol
 ST_RANK: tl.constexpr = tl.constexpr(1)  # 1-based rank of the k-th key among keys with that prefix
 ST_ACTIVE: tl.constexpr = tl.constexpr(2)  # 1 while digits remain to be found
 ST_NUMEL: tl.constexpr = tl.constexpr(3)
-STATE_COLS: tl.constexpr = tl.constexpr(4)
+ST_COUNT: tl.constexpr = tl.constexpr(4)  # keys in pass 0's digit: the candidates of the later passes
+STATE_COLS: tl.constexpr = tl.constexpr(5)
 
 # Dtype codes (tables.OUT_DTYPES).
 F32: tl.constexpr = tl.constexpr(OUT_DTYPES[torch.float32])
 F16: tl.constexpr = tl.constexpr(OUT_DTYPES[torch.float16])
 BF16: tl.constexpr = tl.constexpr(OUT_DTYPES[torch.bfloat16])
 F64: tl.constexpr = tl.constexpr(OUT_DTYPES[torch.float64])
-
-BINS: tl.constexpr = tl.constexpr(2048)  # 11-bit digits
 
 
 @triton.jit
@@ -83,6 +82,24 @@ def load_key(addr, dt, offs, mask):
     else:
         p16 = addr.to(tl.pointer_type(tl.int16))
         key = tl.load(p16 + offs, mask=mask, other=0).to(tl.int32) & 0x7FFF
+    return key
+
+
+@triton.jit
+def load_key_full(addr, dt, offs, ALIGNED: tl.constexpr):
+    """Magnitude keys (int32) of ``offs``, all inside the matrix: no mask, so contiguous
+    offsets compile to 16-byte vector loads when ALIGNED (the host checked that every
+    input address is a multiple of 16 bytes; ``offs`` starts at a multiple of its length)."""
+    if dt == F32:
+        p32 = addr.to(tl.pointer_type(tl.int32)) + offs
+        if ALIGNED:
+            p32 = tl.multiple_of(p32, 16)
+        key = tl.load(p32) & 0x7FFFFFFF
+    else:
+        p16 = addr.to(tl.pointer_type(tl.int16)) + offs
+        if ALIGNED:
+            p16 = tl.multiple_of(p16, 16)
+        key = tl.load(p16).to(tl.int32) & 0x7FFF
     return key
 
 
