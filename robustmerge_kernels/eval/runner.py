@@ -277,7 +277,8 @@ def evaluate(base: str, adapter: str | None, tasks: list[str], data_root: str, o
     from .model import load_model
 
     if device == "auto":
-        device = f"cuda:{shard.local_rank}" if torch.cuda.is_available() else "cpu"
+        # one GPU per local rank (several ranks share the GPUs when there are fewer)
+        device = f"cuda:{shard.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
 
     # Content hashes: the main shard hashes first, the others then find them in the cache.
     hashes: dict[str, str | None] = {}
