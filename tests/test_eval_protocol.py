@@ -282,3 +282,15 @@ def test_log_samples_and_run_results(base, tmp_path, monkeypatch):
     assert run["n"] == {"ocrvqa": 2} and run["tasks"]["ocrvqa"]["questions"] == 3
     assert run["settings"]["limit"] == 2 and run["versions"]["torch"] == torch.__version__
     assert {"started", "finished", "commit"} <= set(run) and run["run"]["kind"] == "zero-shot"
+
+
+def test_missing_image_fails_up_front_naming_the_task(base, tmp_path, monkeypatch):
+    """Checked before any generation, so every data-parallel rank fails alike."""
+    seen = _capture(monkeypatch)
+    data = tmp_path / "bench"
+    records = [{"question_id": i, "image": f"v/{i}.png", "text": "q"} for i in (1, 2)]
+    _write(str(data / "instructions/VQAv2/val.json"), records)
+    _image(str(data / "datasets/v/1.png"), 8, 8)
+    with pytest.raises(FileNotFoundError, match=r"vqav2: 1 image\(s\) not found, e.g. .*v/2.png"):
+        runner.evaluate(base["base"], None, ["vqav2"], str(data), str(tmp_path / "out"), **KW)
+    assert seen == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 def _eval(args) -> int:
+    import os
     import sys
 
     from .runner import evaluate
@@ -14,6 +15,8 @@ def _eval(args) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"robustmerge eval: error: {msg}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # torchrun: rank 0 prints the gathered results
     for name, res in results.items():
         note = "" if res.get("complete", True) else f"  INCOMPLETE ({res['answered']} of {res['questions']} questions)"
         print(f"{name:16s} {res['score']:7.2f}  (n={res['n']}){note}")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from . import settings as S
-from .inputs import prepare
+from .inputs import has_image, prepare, question_text
 from .scoring import score_task
 from .shards import Shard, detect, get_chunk
 from .tasks import Task, load_questions, load_registry
@@ -143,6 +143,18 @@ def _prepare_task_dir(task_dir: str, key: dict, shard: Shard, restart: bool, log
     shard.barrier()
 
 
+def _check_records(questions: list[dict], task: Task, image_dir: str) -> None:
+    """Every record askable (text, image) before any generation: a bad record fails every
+    shard the same way, up front, not one rank in the middle of a run."""
+    missing = []
+    for q in questions:
+        question_text(q, task)
+        if has_image(q, task) and not os.path.isfile(os.path.join(image_dir, q["image"])):
+            missing.append(os.path.join(image_dir, q["image"]))
+    if missing:
+        raise FileNotFoundError(f"task {task.name}: {len(missing)} image(s) not found, e.g. {missing[0]}")
+
+
 def run_task(get_model, task: Task, data_root: str, image_root: str, out_dir: str, *,
              conv_mode: str = "vicuna_v1", batch_size: int = 8, max_new_tokens: int | None = None,
              limit: int | None = None, log=None, key: dict | None = None, shard: Shard | None = None,
@@ -156,6 +168,7 @@ def run_task(get_model, task: Task, data_root: str, image_root: str, out_dir: st
     log = log or (lambda msg: None)
     all_questions = load_questions(task, data_root)
     questions = all_questions if limit is None else all_questions[:limit]
+    _check_records(questions, task, os.path.join(data_root, image_root))
     task_dir = os.path.join(out_dir, task.name)
     os.makedirs(task_dir, exist_ok=True)
     _prepare_task_dir(task_dir, key or {}, shard, restart, log)
