@@ -19,6 +19,8 @@ def _eval(args) -> int:
         return 0  # torchrun: rank 0 prints the gathered results
     for name, res in results.items():
         note = "" if res.get("complete", True) else f"  INCOMPLETE ({res['answered']} of {res['questions']} questions)"
+        if res.get("gold"):
+            note += f"  [gold: {res['gold']}]"
         print(f"{name:16s} {res['score']:7.2f}  (n={res['n']}){note}")
     return 0
 
