@@ -61,8 +61,9 @@ def scorer_options(task: Task, questions: list[dict], data_root: str, limit: int
         options["has_image"] = {q["question_id"]: bool(q.get("image")) for q in questions}
         gold = scienceqa_gold(task, data_root, scienceqa_dir)
         if gold is None:
+            looked = [v for k, v in (task.official_gold or {}).items() if k in ("problems", "pid_splits")]
             warn(f"{task.name}: problems.json / pid_splits.json not found (looked for "
-                 f"{', '.join((task.official_gold or {}).values()) or 'nothing'} under {data_root}); scoring against "
+                 f"{', '.join(looked) or 'nothing'} under {data_root}); scoring against "
                  "the question file's 'answer' with the question file as denominator, NOT eval_science_qa.py's "
                  "gold and test split (pass --scienceqa-dir DIR)")  # fmt: skip
             used["gold"] = "question file"
