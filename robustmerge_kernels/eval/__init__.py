@@ -2,8 +2,11 @@
 
 ``robustmerge eval`` (:func:`.runner.evaluate`) and ``robustmerge eval-report``
 (:func:`.report.write_report`). Modules: ``tasks`` (registry, data in ``tasks.json``),
-``prompts`` (conversation template), ``model`` (loading, LLaVA layout conversion),
-``runner`` (batched greedy generation, resumable JSONL), ``scorers``, ``report``.
+``prompts`` (conversation template), ``inputs`` (a record's prompt and image, per the
+task's official script), ``model`` (loading, LLaVA layout conversion), ``runner`` (batched
+greedy generation, resumable JSONL), ``settings`` (what answers depend on: the resume
+key), ``shards`` (data-parallel splitting), ``scoring`` (a task's scorer inputs, samples
+log), ``scorers``, ``report``.
 """
 
 from .report import write_report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 def _eval(args) -> int:
+    import os
     import sys
 
     from .runner import evaluate
@@ -14,8 +15,13 @@ def _eval(args) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"robustmerge eval: error: {msg}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # torchrun: rank 0 prints the gathered results
     for name, res in results.items():
-        print(f"{name:16s} {res['score']:7.2f}  (n={res['n']})")
+        note = "" if res.get("complete", True) else f"  INCOMPLETE ({res['answered']} of {res['questions']} questions)"
+        if res.get("gold"):
+            note += f"  [gold: {res['gold']}]"
+        print(f"{name:16s} {res['score']:7.2f}  (n={res['n']}){note}")
     return 0
 
 
@@ -24,7 +30,9 @@ def _run(evaluate, args):
         args.base, args.adapter, args.tasks, args.data_root, args.out,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
         label=args.name, adapter_task=args.adapter_task, registry=args.registry,
-        dtype=args.dtype, device=args.device, quiet=args.quiet,
+        dtype=args.dtype, device=args.device, quiet=args.quiet, num_chunks=args.num_chunks,
+        chunk_idx=args.chunk_idx, log_samples=args.log_samples, restart=args.restart,
+        scienceqa_dir=args.scienceqa_dir,
     )  # fmt: skip
 
 
@@ -53,6 +61,17 @@ def add_eval_parsers(sub) -> None:
     e.add_argument("--registry", default=None, help="task registry JSON (default: the built-in MM-MergeBench one)")
     e.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     e.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    e.add_argument("--num-chunks", type=int, default=None,
+                   help="split each task's questions into N chunks (the official scripts' --num-chunks); "
+                        "under torchrun / accelerate launch the ranks split them without this")
+    e.add_argument("--chunk-idx", type=int, default=None, help="the chunk this process answers (0..N-1)")
+    e.add_argument("--log-samples", action="store_true",
+                   help="write <task>/samples.jsonl: prompt, image, raw and parsed answer, target, score per sample")
+    e.add_argument("--restart", action="store_true",
+                   help="discard a task's answers made with other settings instead of refusing to mix them")
+    e.add_argument("--scienceqa-dir", default=None,
+                   help="folder with ScienceQA's problems.json and pid_splits.json (official gold and test split; "
+                        "default: DATA_ROOT/datasets/ScienceQA when present)")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=_eval)
 

@@ -24,11 +24,21 @@ def _answer(q: Mapping[str, Any]) -> str:
     return str(q["answer"])
 
 
-def _accuracy(questions: Sequence[Mapping[str, Any]], preds: Mapping[Any, str], correct: Callable) -> dict:
+def _accuracy(questions: Sequence[Mapping[str, Any]], preds: Mapping[Any, str], correct: Callable,
+              parse: Callable | None = None, details: list | None = None) -> dict:  # fmt: skip
     """Accuracy over every question; a question without a prediction counts as wrong
     (the official scripts' denominator is the number of results, which is the number of
-    questions once a run is complete)."""
-    right = sum(bool(correct(preds[q["question_id"]], q)) for q in questions if q["question_id"] in preds)
+    questions once a run is complete). ``details``, when a list, receives one
+    ``{question_id, parsed, target, correct}`` per question (``--log-samples``);
+    ``parse`` gives the parsed form of a prediction for it."""
+    right = 0
+    for q in questions:
+        qid = q["question_id"]
+        ok = qid in preds and bool(correct(preds[qid], q))
+        right += ok
+        if details is not None:
+            parsed = None if qid not in preds else (parse(preds[qid]) if parse else preds[qid])
+            details.append({"question_id": qid, "parsed": parsed, "target": q.get("answer"), "correct": ok})
     n = len(questions)
     return {"score": 100.0 * right / n if n else 0.0, "correct": right, "n": n}
 
@@ -59,16 +69,51 @@ def _scienceqa_gold(q: Mapping[str, Any]) -> str:
     return scienceqa_letter(ans)
 
 
-def scienceqa(questions, preds, **_):
-    """Option-letter accuracy. Quirk kept: a letter outside the choices counts as wrong,
-    like any unparsable answer (the official script maps it to index -1)."""
-    return _accuracy(questions, preds, lambda p, q: scienceqa_letter(p) == _scienceqa_gold(q) != "FAILED")
+def scienceqa(questions, preds, problems=None, split_pids=None, has_image=None, details=None, **_):
+    """Option-letter accuracy (``score``, also ``Accuracy``) and ``IMG-Accuracy`` (over the
+    questions asked with an image; ``has_image``: question_id -> bool).
+
+    With ``problems`` (ScienceQA's problems.json) and ``split_pids`` (pid_splits.json's
+    test list), eval_science_qa.py exactly: the gold is ``problems[pid]["answer"]`` (an
+    index), the denominator every pid of the split (an unanswered pid counts as FAILED), a
+    letter is valid only among the problem's choices (``options[:len(choices)]``), and a
+    pid counts towards IMG-Accuracy when its answer's prompt had an image (so, quirk kept,
+    an unanswered pid never does). Without them, the gold is each question's ``answer``
+    and a letter outside the choices counts as wrong like any unparsable answer."""
+    has_image = has_image or {}
+    if problems is None:
+        res = _accuracy(questions, preds, lambda p, q: scienceqa_letter(p) == _scienceqa_gold(q) != "FAILED",
+                        parse=scienceqa_letter, details=details)  # fmt: skip
+        flags = [(q["question_id"] in preds and scienceqa_letter(preds[q["question_id"]]) == _scienceqa_gold(q)
+                  != "FAILED") for q in questions if has_image.get(q["question_id"])]  # fmt: skip
+        res["gold"] = "question file"
+    else:
+        by_pid = {str(k): v for k, v in preds.items()}
+        img = {str(k): v for k, v in has_image.items()}
+        right, flags = 0, []
+        for pid in split_pids:
+            prob = problems[pid]
+            letter = scienceqa_letter(by_pid[pid]) if pid in by_pid else "FAILED"
+            valid = SCIENCEQA_OPTIONS[: len(prob["choices"])]
+            ok = (valid.index(letter) if letter in valid else -1) == prob["answer"]
+            right += ok
+            if pid in by_pid and img.get(pid):
+                flags.append(ok)
+            if details is not None:
+                details.append({"question_id": pid, "parsed": letter, "target": SCIENCEQA_OPTIONS[prob["answer"]],
+                                "correct": ok})  # fmt: skip
+        n = len(split_pids)
+        res = {"score": 100.0 * right / n if n else 0.0, "correct": right, "n": n, "gold": "problems.json"}
+    res["Accuracy"] = res["score"]
+    res["IMG-Accuracy"] = 100.0 * sum(flags) / len(flags) if flags else None
+    res["n_img"] = len(flags)
+    return res
 
 
 # Exact and substring matches ---------------------------------------------------------
 
 
-def substring(questions, preds, **_):
+def substring(questions, preds, details=None, **_):
     """ImageNet / ImageNet-R (eval_ImagetNet.py): correct when the upper-cased answer is in
     the upper-cased prediction or the other way round. Quirk kept: an empty prediction is
     a substring of every answer and so counts as correct, as in the official script.
@@ -79,22 +124,23 @@ def substring(questions, preds, **_):
         a, p = _answer(q).upper(), p.upper()
         return a in p or p in a
 
-    return _accuracy(questions, preds, ok)
+    return _accuracy(questions, preds, ok, details=details)
 
 
-def exact_upper(questions, preds, **_):
+def exact_upper(questions, preds, details=None, **_):
     """VQAv2, IconQA, TabMWP, AOKVQA (eval_vqav2.py, eval_iconqa.py, eval_aokvqa.py):
     ``pred.upper() == answer.upper()``, i.e. case-insensitive exact match, no other
     normalisation (no punctuation or article stripping, unlike the official VQAv2 server)."""
-    return _accuracy(questions, preds, lambda p, q: p.upper() == _answer(q).upper())
+    return _accuracy(questions, preds, lambda p, q: p.upper() == _answer(q).upper(), details=details)
 
 
-def ocrvqa(questions, preds, **_):
+def ocrvqa(questions, preds, details=None, **_):
     """OCRVQA (eval_ocrvqa.py): ``pred.lower() == answer.lower()``. Quirk kept: a
     prediction containing "Unanswerable" (case-sensitive substring) is counted wrong even
     if the answer were "Unanswerable", and it stays in the denominator (the official
     script ``continue``s before comparing but divides by all results)."""
-    return _accuracy(questions, preds, lambda p, q: "Unanswerable" not in p and p.lower() == _answer(q).lower())
+    return _accuracy(questions, preds, lambda p, q: "Unanswerable" not in p and p.lower() == _answer(q).lower(),
+                     details=details)  # fmt: skip
 
 
 # REC grounding: eval_grounding.py ------------------------------------------------------
@@ -125,14 +171,23 @@ def parse_box(text: str, official: bool = True) -> list[float] | None:
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     """IoU of two [x1, y1, x2, y2] boxes, as eval_grounding.calculate_iou (no +1 pixel
-    terms; a non-positive union gives 0). The official script scales both boxes by
-    max(width, height) first, which leaves the IoU unchanged, so normalised boxes are used
-    directly."""
+    terms; a non-positive union gives 0)."""
     x1, y1, x2, y2 = a
     u1, v1, u2, v2 = b
     inter = max(0.0, min(x2, u2) - max(x1, u1)) * max(0.0, min(y2, v2) - max(y1, v1))
     union = (x2 - x1) * (y2 - y1) + (u2 - u1) * (v2 - v1) - inter
     return inter / union if union > 0 else 0.0
+
+
+def rec_iou(pred: Sequence[float], gold: Sequence[float], size: Sequence[float] | None = None) -> float:
+    """The IoU eval_grounding.eval_single computes: both normalised boxes multiplied by
+    ``max(size)`` (the question's image size) first. In exact arithmetic that changes
+    nothing, in floating point it decides boxes whose IoU is 0.5 to the last bit, so the
+    official order of operations is kept. Without ``size`` the normalised boxes are used."""
+    if size:
+        m = max(size)
+        pred, gold = [x * m for x in pred], [x * m for x in gold]
+    return box_iou(pred, gold)
 
 
 def _gold_box(q: Mapping[str, Any]) -> list[float]:
@@ -142,16 +197,17 @@ def _gold_box(q: Mapping[str, Any]) -> list[float]:
     return [float(x) for x in str(raw).replace("[", "").replace("]", "").split(",")]
 
 
-def rec(questions, preds, official_parse: bool = True, **_):
+def rec(questions, preds, official_parse: bool = True, details=None, **_):
     """REC-COCO accuracy: IoU > 0.5 between the predicted and the gold normalised box
     (gold from ``answer_bbox`` when present, as the official test file has it, else
-    ``answer``). An unparsable prediction counts as wrong and stays in the denominator."""
+    ``answer``), computed as :func:`rec_iou` with the question's ``size``. An unparsable
+    prediction counts as wrong and stays in the denominator."""
 
     def ok(p, q):
         box = parse_box(p, official=official_parse)
-        return box is not None and box_iou(box, _gold_box(q)) > 0.5
+        return box is not None and rec_iou(box, _gold_box(q), q.get("size")) > 0.5
 
-    return _accuracy(questions, preds, ok)
+    return _accuracy(questions, preds, ok, parse=lambda p: parse_box(p, official=official_parse), details=details)
 
 
 # Captions: eval_caption.py / eval_flickr30k.py / eval_vizwiz_caption.py ---------------

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+PREPROCESS = ("pad", "crop")
+
 
 @dataclass(frozen=True)
 class Task:
@@ -27,6 +29,18 @@ class Task:
     prompt_suffix: str = ""
     references: str | None = None
     scorer_options: dict[str, Any] = field(default_factory=dict)
+    # How the image reaches the CLIP processor, as the task's official script does it:
+    # "pad" (process_images with image_aspect_ratio=pad: expand2square first) or "crop"
+    # (image_processor.preprocess alone: resize the short side, center crop).
+    preprocess: str = "pad"
+    official_script: str | None = None
+    strip_image_token: bool = False  # model_vqa_science.py removes "<image>" from the text
+    text_only: bool = False  # ... and asks a record without "image" with no image
+    official_gold: dict[str, str] | None = None  # ScienceQA: problems.json / pid_splits.json
+
+    def spec(self) -> dict[str, Any]:
+        """Everything the registry says about this task (for the resume key)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,8 @@ def load_registry(path: str | None = None) -> Registry:
             raise ValueError(f"task {name}: unknown scorer {spec['scorer']!r}")
         if spec.get("group") not in ("seen", "unseen"):
             raise ValueError(f"task {name}: group must be seen or unseen")
+        if spec.get("preprocess", "pad") not in PREPROCESS:
+            raise ValueError(f"task {name}: preprocess must be one of {', '.join(PREPROCESS)}")
         tasks[name] = Task(name=name, **spec)
     return Registry(tasks, raw.get("image_root", ""), raw.get("conv_mode", "vicuna_v1"))
 
