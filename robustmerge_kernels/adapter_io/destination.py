@@ -27,6 +27,7 @@ import socket
 from typing import Any
 
 from ..errors import AdapterError
+from ..jsonfile import write_json
 from .names import CONFIG_NAME
 
 OWNER_NAME = ".robustmerge-owner"  # inside our hidden folders; never in a committed output
@@ -113,10 +114,7 @@ def owner_record() -> dict[str, Any]:
 
 
 def write_owner(folder: str, kind: str) -> None:
-    with open(os.path.join(folder, OWNER_NAME), "w") as f:
-        json.dump({**owner_record(), "kind": kind}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    write_json(os.path.join(folder, OWNER_NAME), {**owner_record(), "kind": kind}, atomic=False, indent=None)
 
 
 def _read_json(path: str) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError
+from ..jsonfile import write_json
 from . import destination
 from .destination import check_destination  # noqa: F401  (the API imports it from here)
 from .names import CONFIG_NAME, INDEX_NAME, RECORD_NAME, SAFETENSORS_NAME
@@ -51,11 +52,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    # Inside the staged folder, which is renamed into place only when complete.
+    write_json(path, data, atomic=False, sort_keys=True, default=_json_default)
 
 
 def _fsync_file(path: str) -> None:

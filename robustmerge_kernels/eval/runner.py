@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..jsonfile import write_json
 from . import settings as S
 from .inputs import has_image, prepare, question_text
 from .scoring import score_task
@@ -42,12 +43,7 @@ SAMPLES = "samples.jsonl"
 
 
 def _atomic_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json(path, obj)
 
 
 def _atomic_lines(path: str, records: list[dict]) -> None:

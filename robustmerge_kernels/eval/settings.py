@@ -16,6 +16,8 @@ import subprocess
 import sys
 from typing import Any
 
+from ..jsonfile import write_json
+
 HASH_CACHE = ".hashes.json"  # in the run folder: (file, size, mtime) -> sha256
 _CHUNK = 1 << 22
 
@@ -62,10 +64,7 @@ def content_hash(path: str | None, cache_dir: str | None = None) -> str | None:
             changed = True
         total.update(f"{rel}\0{cache[key]}\n".encode())
     if cache_path and changed:
-        tmp = f"{cache_path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(cache, f)
-        os.replace(tmp, cache_path)
+        write_json(cache_path, cache, indent=None)
     return total.hexdigest()
 
 
