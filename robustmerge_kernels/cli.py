@@ -1,4 +1,4 @@
-"""Command line: ``robustmerge merge``, ``robustmerge demo``, ``robustmerge backends``."""
+"""Command line: ``robustmerge merge``, ``analyze``, ``demo``, ``backends`` (and ``eval``)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,33 @@ def _merge(args) -> int:
     for module, missing in report.partial_modules.items():
         print(f"  note: {module} merged without {', '.join(missing)} (absent there)")
     return 0
+
+
+def _analyze(args) -> int:
+    from .analysis import analyze
+
+    result = analyze(
+        args.adapters,
+        args.merged or [],
+        labels=args.labels,
+        merged_labels=args.merged_labels,
+        top_k=args.top_k,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    files = result.write(args.output, plots=not args.no_plots)
+    s = result.summary
+    print(f"analysed {len(result.tasks)} adapters, {len(result.merged)} merged, {len(result.data['modules'])} modules "
+          f"in {result.seconds:.1f} s -> {files['markdown']}")  # fmt: skip
+    for m in result.merged:
+        v = s["merged"][m]["mean"]
+        print(f"  {m}: direction head {v['direction_head']:.3f} tail {_num(v['direction_tail'])}, "
+              f"retention head {v['retention_head']:.3f} tail {_num(v['retention_tail'])}, "
+              f"coefficient {v['adapter_coefficient']:.3f}")  # fmt: skip
+    return 0
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _demo(args) -> int:
@@ -89,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", default="auto")
     d.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     d.set_defaults(func=_demo)
+
+    a = sub.add_parser("analyze", help="spectra, interference and what merged adapters keep, in low-rank space")
+    a.add_argument("adapters", nargs="+", help="the task adapters (PEFT folders)")
+    a.add_argument("--merged", nargs="+", default=None, metavar="M", help="merged adapters of those tasks to measure")
+    a.add_argument("-o", "--output", required=True, help="report folder: analysis.json, analysis.md, *.png")
+    a.add_argument("--top-k", type=int, default=4, help="head size: top singular directions (default 4)")
+    a.add_argument("--labels", nargs="+", default=None, help="names of the task adapters in the report")
+    a.add_argument("--merged-labels", nargs="+", default=None, help="names of the merged adapters")
+    a.add_argument("--no-plots", action="store_true", help="JSON and markdown only")
+    a.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=_analyze)
 
     b = sub.add_parser("backends", help="list backends and whether they can run here")
     b.add_argument("--device", default="cpu")
