@@ -67,9 +67,14 @@ def _num(x) -> str:
 
 
 def _demo(args) -> int:
+    if args.compare:
+        from .demo.compare import run_compare
+
+        run_compare(tasks=args.tasks or 4, steps=args.steps, out=args.output)
+        return 0
     from .demo import run_demo
 
-    run_demo(tasks=args.tasks, steps=args.steps, out=args.output, backend=args.backend, overwrite=args.overwrite)
+    run_demo(tasks=args.tasks or 3, steps=args.steps, out=args.output, backend=args.backend, overwrite=args.overwrite)
     return 0
 
 
@@ -110,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_merge)
 
     d = sub.add_parser("demo", help="train tiny adapters offline, merge them, load the result in peft")
-    d.add_argument("--tasks", type=int, default=3)
-    d.add_argument("--steps", type=int, default=60)
-    d.add_argument("-o", "--output", default=None, help="keep the merged adapter here")
+    d.add_argument("--tasks", type=int, default=None, help="toy tasks (default 3; 4 with --compare)")
+    d.add_argument("--steps", type=int, default=None, help="training steps per adapter (default: the mode's)")
+    d.add_argument("-o", "--output", default=None, help="keep the merged adapter here (--compare: the report folder)")
+    d.add_argument("--compare", action="store_true", help="compare every merge method on the toy tasks (minutes)")
     d.add_argument("--backend", default="auto")
     d.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     d.set_defaults(func=_demo)
