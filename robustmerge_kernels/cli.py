@@ -70,7 +70,7 @@ def _demo(args) -> int:
     if args.compare:
         from .demo.compare import run_compare
 
-        run_compare(tasks=args.tasks or 4, steps=args.steps, out=args.output)
+        run_compare(tasks=args.tasks or 4, steps=args.steps, out=args.output, shared_init=not args.separate_init)
         return 0
     from .demo import run_demo
 
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps per adapter (default: the mode's)")
     d.add_argument("-o", "--output", default=None, help="keep the merged adapter here (--compare: the report folder)")
     d.add_argument("--compare", action="store_true", help="compare every merge method on the toy tasks (minutes)")
+    d.add_argument("--separate-init", action="store_true", help="--compare: one LoRA init per task, not a shared one")
     d.add_argument("--backend", default="auto")
     d.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     d.set_defaults(func=_demo)

@@ -207,3 +207,33 @@ def test_analyze_llava_7b_shaped_t8_in_seconds():
     res = rk.analyze(tasks, [(dict(merged), merged.config)])
     assert len(res.data["modules"]) == 28
     assert time.perf_counter() - start < 30  # the whole 32 layers take ~8x this; see README
+
+
+def test_with_adapter_computes_what_peft_computes(base_model, trained_models):
+    from peft import get_peft_model_state_dict
+
+    from robustmerge_kernels.demo.scoring import with_adapter
+    from robustmerge_kernels.demo.toy import task_batch
+
+    model = trained_models[1]
+    patched = with_adapter(base_model, get_peft_model_state_dict(model), model.peft_config["default"].to_dict())
+    ids = task_batch(1, base_model.config.vocab_size, batch=4)
+    with torch.no_grad():
+        assert torch.allclose(patched(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compare_scores_every_run_and_writes_its_report(tmp_path):
+    from robustmerge_kernels.demo.compare import RUNS, run_compare
+
+    runs = [r for r in RUNS if r[0] in ("robustmerge", "cat w=1/T")]
+    lines = []
+    result = run_compare(tasks=2, steps=3, out=str(tmp_path), runs=runs, echo=lines.append)
+    assert [r["label"] for r in result["runs"]] == ["robustmerge", "cat w=1/T"]
+    for row in result["runs"]:
+        assert row["normalised"] == [a / i for a, i in zip(row["accuracy"], result["individual"])]
+        assert set(row["analysis"]) >= {"direction_head", "direction_tail", "retention_tail", "adapter_coefficient"}
+    assert any(line.startswith("| cat w=1/T |") for line in lines)
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "compare.json").read_text())["tasks"] == 2
+    assert (tmp_path / "analysis" / "analysis.md").exists()

@@ -4,7 +4,7 @@ A LoRA delta ``dW = c * B @ A`` (``B`` m x r, ``A`` r x n, ``c`` the LoRA scalin
 at most r, so everything below works on m x r and n x r bases and r x r cores: the thin
 SVD comes from a QR of each factor and an SVD of the small core
 (:func:`robustmerge_kernels.methods.lowrank.lowrank_svd`), never from the dense m x n
-matrix. All arithmetic is float64. Definitions (docs/ALGORITHM.md §9):
+matrix. All arithmetic is float64. Definitions (also in README.md, "Analysing adapters and merges"):
 
 * spectrum: the singular values ``s_1 >= ... >= s_k`` of ``dW`` (k = min(r, m, n));
   ``head_tail_gap`` = mean of the top ``top_k`` values / mean of the others,

@@ -33,9 +33,12 @@ RUNS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("robustmerge lam=1 d=0.5", "robustmerge", {"lam": 1.0, "density": 0.5}),
     ("robustmerge lam=0.5 d=0.5", "robustmerge", {"lam": 0.5, "density": 0.5}),
     ("robustmerge lam=0.5 d=1", "robustmerge", {"lam": 0.5, "density": 1.0}),
+    ("robustmerge lam=0.25 d=1", "robustmerge", {"lam": 0.25, "density": 1.0}),
     ("task_arithmetic", "task_arithmetic", {}),
+    ("task_arithmetic w=1/T", "task_arithmetic", {"weights": "1/T"}),
     ("ties", "ties", {}),
     ("ties d=0.5", "ties", {"density": 0.5}),
+    ("ties w=1/T", "ties", {"weights": "1/T"}),
     ("dare_ties d=0.5", "dare_ties", {"density": 0.5}),
     ("magnitude_prune", "magnitude_prune", {}),
     ("magnitude_prune d=0.5", "magnitude_prune", {"density": 0.5}),
@@ -65,24 +68,35 @@ def _cpu_name() -> str:
 
 
 def run_compare(
-    tasks: int = 4, steps: int | None = None, out: str | None = None, runs=RUNS, echo=print, plot: bool = True
+    tasks: int = 4,
+    steps: int | None = None,
+    out: str | None = None,
+    runs=RUNS,
+    echo=print,
+    plot: bool = True,
+    shared_init: bool = True,
 ) -> dict[str, Any]:
-    """Train, merge with every run, score, analyse; write the report into ``out`` if given."""
+    """Train, merge with every run, score, analyse; write the report into ``out`` if given.
+
+    ``shared_init=False`` trains each task from its own LoRA initialisation (see
+    :func:`.scoring.train_pairs`)."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the model is tiny: one thread is fastest, and fair on a shared machine
     try:
-        return _run(tasks, steps or TRAIN["steps"], out, runs, echo, plot)
+        return _run(tasks, steps or TRAIN["steps"], out, runs, echo, plot, shared_init)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(tasks, steps, out, runs, echo, plot) -> dict[str, Any]:
+def _run(tasks, steps, out, runs, echo, plot, shared_init) -> dict[str, Any]:
     start = time.perf_counter()
     base = tiny_llama()
     vocab = base.config.vocab_size
-    pairs = train_pairs(base, tasks, steps=steps, lr=TRAIN["lr"], r=TRAIN["r"])
-    echo(f"trained {tasks} adapters ({steps} steps, lr {TRAIN['lr']}, r {TRAIN['r']}) in {time.perf_counter() - start:.1f} s")
+    pairs = train_pairs(base, tasks, steps=steps, lr=TRAIN["lr"], r=TRAIN["r"], shared_init=shared_init)
+    init = "one LoRA init" if shared_init else "one LoRA init per task"
+    echo(f"trained {tasks} adapters ({steps} steps, lr {TRAIN['lr']}, r {TRAIN['r']}, {init}) "
+         f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
     base_acc = [task_accuracy(base, t, vocab) for t in range(tasks)]
     individual = [task_accuracy(with_adapter(base, *pairs[t]), t, vocab) for t in range(tasks)]
     rows = []
@@ -102,7 +116,7 @@ def _run(tasks, steps, out, runs, echo, plot) -> dict[str, Any]:
         row["analysis"] = analysis.summary["merged"][row["label"]]["mean"]
     result = {
         "tasks": tasks,
-        "train": {**TRAIN, "steps": steps},
+        "train": {**TRAIN, "steps": steps, "shared_init": shared_init},
         "base": base_acc,
         "individual": individual,
         "runs": rows,
