@@ -150,7 +150,15 @@ def analyze(
         for j, m in enumerate(merged):  # numbered after the tasks, as on the command line
             msources.append(open_adapter(m, len(adapters) + j))
         mplans = [_merged_modules(s) for s in msources]
-        modules = _analyse_modules(plan.modules, sources, msources, mplans, task_labels, m_labels, top_k, progress)
+        # One thread: the work is many small QRs and r-wide products, which a thread pool
+        # barely speeds up, and on a busy machine an oversubscribed pool made the llava-7b
+        # T=8 analysis 466 s instead of 16 s (2 cores, load 10).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            modules = _analyse_modules(plan.modules, sources, msources, mplans, task_labels, m_labels, top_k, progress)
+        finally:
+            torch.set_num_threads(threads)
     finally:
         for s in sources + msources:
             s.close()

@@ -44,8 +44,11 @@ def plot_kept(data: dict[str, Any], path: str) -> None:
     """Directional similarity and retention vs singular index, one line per merged adapter."""
     plt = _plt()
     s, k = data["summary"], data["top_k"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for m, v in s["merged"].items():
+    many = len(s["merged"]) > 6
+    fig, axes = plt.subplots(1, 2, figsize=(14 if many else 11, 4.2))
+    cmap = plt.get_cmap("tab20" if len(s["merged"]) > 10 else "tab10")
+    for n_m, (m, v) in enumerate(s["merged"].items()):
+        style = {"color": cmap(n_m % cmap.N), "ls": "-" if n_m < cmap.N else "--"}
         for ax, key in zip(axes, ("direction", "retention")):
             per_task = [v["tasks"][t][key] for t in data["tasks"]]
             n = max(len(p) for p in per_task)
@@ -54,7 +57,7 @@ def plot_kept(data: dict[str, Any], path: str) -> None:
                 vals = [p[i] for p in per_task if i < len(p) and p[i] is not None]
                 mean.append(sum(vals) / len(vals) if vals else None)
             x, y = _xs(mean)
-            ax.plot(x, y, marker="o", ms=3, label=m)
+            ax.plot(x, y, marker="o", ms=3, label=m, **style)
     for ax, title, ylabel in (
         (axes[0], "Directional similarity", "|cos(u_i, M v_i)|"),
         (axes[1], "Singular value retention", "u_i^T M v_i / s_i"),
@@ -66,7 +69,10 @@ def plot_kept(data: dict[str, Any], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[1].axhline(1.0, color="black", lw=0.8)
     axes[0].set_ylim(0, 1.02)
-    axes[1].legend(fontsize=7, ncol=2)
+    if many:  # beside the plots, where it hides no line
+        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        axes[1].legend(fontsize=7)
     fig.suptitle("What the merged adapters keep of each task's singular directions")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
