@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import lora_pair
 
 import robustmerge_kernels as rk
 from robustmerge_kernels.analysis import metrics
 from robustmerge_kernels.cli import main
-
-from conftest import lora_pair
 
 F64 = torch.float64
 
@@ -167,6 +166,8 @@ def test_analyze_refuses_mismatched_inputs():
     missing = lora_pair(8, r=4, n=12, m=10, modules=("q",))
     with pytest.raises(rk.AdapterError, match=r"adapter #2.*no LoRA factors for module .*\.v'"):
         rk.analyze(tasks, [missing])
+    with pytest.raises(rk.AdapterError, match=r"adapter #2.*no LoRA config"):
+        rk.analyze(tasks, [tasks[0][0]])  # a bare state dict: its scaling is unknown
     with pytest.raises(rk.AdapterError, match="non-empty list"):
         rk.analyze([])
     with pytest.raises(rk.AdapterError, match="top_k"):

@@ -84,7 +84,9 @@ def _scale(source: AdapterSource, key: str, rules: dict[int, ScalingRule]) -> fl
     """The adapter's own LoRA scaling for the module of ``key`` (1 without a config)."""
     if source.config is None:
         return 1.0
-    rule = rules.setdefault(id(source), ScalingRule(source.config))
+    rule = rules.get(id(source))
+    if rule is None:
+        rule = rules[id(source)] = ScalingRule(source.config)
     parsed = parse_factor(key)
     return rule(parsed.module)[2]
 
@@ -134,7 +136,9 @@ def analyze(
         raise AdapterError("merged must be a list (of folders, state dicts, pairs or models)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise AdapterError(f"top_k must be a positive int, got {top_k!r}")
-    task_labels = _unique(list(labels) if labels is not None else [_label(a, i, "task") for i, a in enumerate(adapters)])
+    task_labels = _unique(
+        list(labels) if labels is not None else [_label(a, i, "task") for i, a in enumerate(adapters)]
+    )
     m_labels = _unique(
         list(merged_labels) if merged_labels is not None else [_label(m, j, "merged") for j, m in enumerate(merged)]
     )
@@ -149,6 +153,12 @@ def analyze(
         plan = build_plan(sources)  # the tasks must be mergeable: same shapes, ranks, configs
         for j, m in enumerate(merged):  # numbered after the tasks, as on the command line
             msources.append(open_adapter(m, len(adapters) + j))
+            if msources[-1].config is None and plan.out_config is not None:
+                raise AdapterError(
+                    "has no LoRA config while the task adapters do, so its scaling is unknown; "
+                    "pass a (state_dict, config) pair or a PEFT folder",
+                    msources[-1].label,
+                )
         mplans = [_merged_modules(s) for s in msources]
         # One thread: the work is many small QRs and r-wide products, which a thread pool
         # barely speeds up, and on a busy machine an oversubscribed pool made the llava-7b

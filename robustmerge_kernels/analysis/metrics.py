@@ -119,7 +119,9 @@ def merged_metrics(svd: TaskSVD, a_m: torch.Tensor, b_m: torch.Tensor, scale_m: 
     k = svd.s.numel()
     if svd.valid == 0:
         return {"direction": [None] * k, "retention": [None] * k, "inner": 0.0, "coefficient": None}
-    mv = (b_m.to(F64) @ (a_m.to(F64) @ svd.v)) * float(scale_m)  # .to is free for float64 inputs  # M v_i, m x k (rank of M inside)
+    mv = (b_m.to(F64) @ (a_m.to(F64) @ svd.v)) * float(
+        scale_m
+    )  # .to is free for float64 inputs  # M v_i, m x k (rank of M inside)
     proj = (svd.u * mv).sum(dim=0)  # u_i^T M v_i
     norm = mv.norm(dim=0)
     direction: list[float | None] = []
@@ -133,4 +135,9 @@ def merged_metrics(svd: TaskSVD, a_m: torch.Tensor, b_m: torch.Tensor, scale_m: 
         retention.append(float(proj[i] / svd.s[i]))
     s = svd.s[: svd.valid]
     inner = float((s * proj[: svd.valid]).sum())
-    return {"direction": direction, "retention": retention, "inner": inner, "coefficient": inner / float(s.square().sum())}
+    return {
+        "direction": direction,
+        "retention": retention,
+        "inner": inner,
+        "coefficient": inner / float(s.square().sum()),
+    }

@@ -7,6 +7,8 @@ import math
 import os
 from typing import Any
 
+from ..errors import AdapterError
+
 
 def _f(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -49,7 +51,13 @@ def markdown(analysis) -> str:
         ],
     )
     inter = s["interference"]
-    out += ["", "## Task interference", "", "Cosine of the whole adapters' deltas (off-diagonal: 0 = no interference):", ""]
+    out += [
+        "",
+        "## Task interference",
+        "",
+        "Cosine of the whole adapters' deltas (off-diagonal: 0 = no interference):",
+        "",
+    ]
     out += _table(["", *tasks], [[t, *(_f(x) for x in row)] for t, row in zip(tasks, inter["adapter_cosine"])])
     out += ["", f"Overlap of the top-{k} output subspaces (mean over modules; 1 = same directions):", ""]
     out += _table(["", *tasks], [[t, *(_f(x) for x in row)] for t, row in zip(tasks, inter["overlap_left"])])
@@ -69,7 +77,9 @@ def markdown(analysis) -> str:
             v = s["merged"][m]["mean"]
             rows.append([m, *(_f(v[key]) for key in ("direction_head", "direction_tail", "retention_head",
                                                     "retention_tail", "adapter_coefficient"))])  # fmt: skip
-        out += _table(["merged", "direction head", "direction tail", "retention head", "retention tail", "coefficient"], rows)
+        out += _table(
+            ["merged", "direction head", "direction tail", "retention head", "retention tail", "coefficient"], rows
+        )
         out += ["", "Per task (direction tail / retention tail / coefficient):", ""]
         out += _table(
             ["merged", *tasks],
@@ -103,6 +113,10 @@ def write_report(analysis, out: str, plots: bool = True) -> dict[str, str]:
     os.makedirs(out, exist_ok=True)
     files: dict[str, str] = {}
     if plots:
+        try:
+            import matplotlib  # noqa: F401  (optional: only the plots need it)
+        except ImportError:
+            raise AdapterError("the plots need matplotlib (pip install matplotlib); or write without plots") from None
         from .plots import write_plots
 
         files.update(write_plots(analysis.data, out))

@@ -92,7 +92,12 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
                 minner[m][t] += mm["inner"]
                 dh, dt = _split(mm["direction"], top_k)
                 rh, rt = _split(mm["retention"], top_k)
-                for name, v in (("direction_head", dh), ("direction_tail", dt), ("retention_head", rh), ("retention_tail", rt)):
+                for name, v in (
+                    ("direction_head", dh),
+                    ("direction_tail", dt),
+                    ("retention_head", rh),
+                    ("retention_tail", rt),
+                ):
                     per_group.setdefault(f"{m}\0{name}", []).append(v)
         for kind, key in (("by_type", mod["type"]), ("by_layer", mod["layer"])):
             if key is None:
@@ -146,7 +151,14 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
                 "coefficient": _mean(mcoef[m][t]),
                 "adapter_coefficient": minner[m][t] / norm2[t] if norm2[t] > 0 else None,
             }
-        keys = ("direction_head", "direction_tail", "retention_head", "retention_tail", "coefficient", "adapter_coefficient")
+        keys = (
+            "direction_head",
+            "direction_tail",
+            "retention_head",
+            "retention_tail",
+            "coefficient",
+            "adapter_coefficient",
+        )
         mean = {k: _mean([per_task[t][k] for t in tasks]) for k in keys}
         out["merged"][m] = {"tasks": per_task, "mean": mean}
     for kind in ("by_type", "by_layer"):

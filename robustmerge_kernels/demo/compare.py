@@ -149,13 +149,25 @@ def _f(x, digits=2) -> str:
 def table(result: dict[str, Any]) -> list[str]:
     """The markdown table: normalised accuracy per task, its mean, and the analyze metrics."""
     T = result["tasks"]
-    head = ["method", *[f"task {t}" for t in range(T)], "mean", "dir. head", "dir. tail", "ret. head", "ret. tail", "coef."]
+    head = [
+        "method",
+        *[f"task {t}" for t in range(T)],
+        "mean",
+        "dir. head",
+        "dir. tail",
+        "ret. head",
+        "ret. tail",
+        "coef.",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append("| base (accuracy) | " + " | ".join(_f(x) for x in result["base"]) + " | | | | | | |")
     lines.append("| individual (accuracy) | " + " | ".join(_f(x) for x in result["individual"]) + " | | | | | | |")
     for row in result["runs"]:
         a = row["analysis"]
         cells = [row["label"], *(_f(x) for x in row["normalised"]), f"**{_f(row['normalised_mean'])}**"]
-        cells += [_f(a[k]) for k in ("direction_head", "direction_tail", "retention_head", "retention_tail", "adapter_coefficient")]
+        cells += [
+            _f(a[k])
+            for k in ("direction_head", "direction_tail", "retention_head", "retention_tail", "adapter_coefficient")
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

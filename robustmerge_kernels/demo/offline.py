@@ -116,4 +116,5 @@ def _run_demo(tasks, steps, out, backend, overwrite, echo) -> dict:
 
 
 def _kept_line(kept: list[float]) -> str:
-    return ", ".join(f"{100 * k:.0f}% of task {t}" for t, k in enumerate(kept)) + f" (mean {100 * sum(kept) / len(kept):.0f}%)"
+    per_task = ", ".join(f"{100 * k:.0f}% of task {t}" for t, k in enumerate(kept))
+    return per_task + f" (mean {100 * sum(kept) / len(kept):.0f}%)"
