@@ -1,4 +1,4 @@
-"""Command line: ``robustmerge merge``, ``robustmerge demo``, ``robustmerge backends``."""
+"""Command line: ``robustmerge merge``, ``analyze``, ``demo``, ``backends`` (and ``eval``)."""
 
 from __future__ import annotations
 
@@ -70,10 +70,42 @@ def _recover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze
+
+    result = analyze(
+        args.adapters,
+        args.merged or [],
+        labels=args.labels,
+        merged_labels=args.merged_labels,
+        top_k=args.top_k,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    files = result.write(args.output, plots=not args.no_plots)
+    s = result.summary
+    print(f"analysed {len(result.tasks)} adapters, {len(result.merged)} merged, {len(result.data['modules'])} modules "
+          f"in {result.seconds:.1f} s -> {files['markdown']}")  # fmt: skip
+    for m in result.merged:
+        v = s["merged"][m]["mean"]
+        print(f"  {m}: direction head {v['direction_head']:.3f} tail {_num(v['direction_tail'])}, "
+              f"retention head {v['retention_head']:.3f} tail {_num(v['retention_tail'])}, "
+              f"coefficient {v['adapter_coefficient']:.3f}")  # fmt: skip
+    return 0
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _demo(args: argparse.Namespace) -> int:
+    if args.compare:
+        from .demo.compare import run_compare
+
+        run_compare(tasks=args.tasks or 4, steps=args.steps, out=args.output, shared_init=not args.separate_init)
+        return 0
     from .demo import run_demo
 
-    run_demo(tasks=args.tasks, steps=args.steps, out=args.output, backend=args.backend, overwrite=args.overwrite)
+    run_demo(tasks=args.tasks or 3, steps=args.steps, out=args.output, backend=args.backend, overwrite=args.overwrite)
     return 0
 
 
@@ -121,9 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_merge)
 
     d = sub.add_parser("demo", help="train tiny adapters offline, merge them, load the result in peft")
-    d.add_argument("--tasks", type=int, default=3)
-    d.add_argument("--steps", type=int, default=60)
-    d.add_argument("-o", "--output", default=None, help="keep the merged adapter here")
+    d.add_argument("--tasks", type=int, default=None, help="toy tasks (default 3; 4 with --compare)")
+    d.add_argument("--steps", type=int, default=None, help="training steps per adapter (default: the mode's)")
+    d.add_argument("-o", "--output", default=None, help="keep the merged adapter here (--compare: the report folder)")
+    d.add_argument("--compare", action="store_true", help="compare every merge method on the toy tasks (minutes)")
+    d.add_argument("--separate-init", action="store_true", help="--compare: one LoRA init per task, not a shared one")
     d.add_argument("--backend", default="auto")
     d.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     d.set_defaults(func=_demo)
@@ -131,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recover", help="finish an interrupted --overwrite of OUT; remove leftovers of dead merges")
     r.add_argument("output", help="the output folder of the interrupted merge")
     r.set_defaults(func=_recover)
+
+    a = sub.add_parser("analyze", help="spectra, interference and what merged adapters keep, in low-rank space")
+    a.add_argument("adapters", nargs="+", help="the task adapters (PEFT folders)")
+    a.add_argument("--merged", nargs="+", default=None, metavar="M", help="merged adapters of those tasks to measure")
+    a.add_argument("-o", "--output", required=True, help="report folder: analysis.json, analysis.md, *.png")
+    a.add_argument("--top-k", type=int, default=4, help="head size: top singular directions (default 4)")
+    a.add_argument("--labels", nargs="+", default=None, help="names of the task adapters in the report")
+    a.add_argument("--merged-labels", nargs="+", default=None, help="names of the merged adapters")
+    a.add_argument("--no-plots", action="store_true", help="JSON and markdown only")
+    a.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=_analyze)
 
     b = sub.add_parser("backends", help="list backends and whether they can run here")
     b.add_argument("--device", default="cpu")

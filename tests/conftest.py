@@ -119,3 +119,9 @@ def lora_pair(seed: int, r: int = 4, n: int = 12, m: int = 10, modules=("q", "v"
         sd[f"{prefix}.lora_B.weight"] = (torch.randn(m, r, generator=g) * 0.1).to(dtype)
     config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(modules)}
     return sd, config
+
+
+def pytest_configure(config):
+    # pyproject.toml may register it too; add it only when absent, so there is no warning either way.
+    if not any(str(line).startswith("slow") for line in config.getini("markers")):
+        config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")

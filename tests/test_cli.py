@@ -65,6 +65,12 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     # Each trained adapter is best on its own task: the training in the demo is real.
     for task, (name, values) in enumerate(sorted(losses.items())):
         assert min(range(3), key=lambda t: float(values[t])) == task, (name, values)
+    # ... and clearly beats the base on it (next-token accuracy), and the demo says what the merge keeps
+    acc = {line.split("  ")[1].strip(): [float(x) for x in line.split()[-3:]] for line in out.splitlines()
+           if line.startswith("  base") or line.startswith("  adapter ")}  # fmt: skip
+    for task in range(3):
+        assert acc[f"adapter {task}"][task] > acc["base"][task] + 0.5, acc
+    assert "the merged adapter keeps " in out and "% of task 2" in out
 
 
 @pytest.mark.slow
