@@ -7,6 +7,11 @@ thresholds by radix selection, row-sum scales and the fused normalised sum, thre
 over (adapter, module) work items; results do not depend on the thread count.
 
 float64 inputs are not a kernel type: such modules go to the reference implementation.
+
+SIMD: one build carries AVX-512, AVX2 and portable code paths and uses the best this CPU
+supports; $ROBUSTMERGE_SIMD (avx512, avx2, portable, auto) forces one, and a forced path
+the CPU lacks makes the backend unavailable with that reason. Results are bit-identical
+on every path. :func:`simd_path` says which one runs.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from . import BackendUnavailable
 from .tables import ITEM_COLUMNS, MODULE_COLUMNS, KernelBackend, build_tables, raise_kernel_status, unpack_details
 
 ENV_THREADS = "ROBUSTMERGE_NUM_THREADS"
+ENV_SIMD = "ROBUSTMERGE_SIMD"
 
 _threads: int | None = None
 
@@ -49,7 +55,27 @@ def _load_extension():
         raise BackendUnavailable(f"the C++ extension is not built ({exc}); run `pip install -e .`") from exc
     if tuple(_cpu.ITEM_COLUMNS) != ITEM_COLUMNS or tuple(_cpu.MODULE_COLUMNS) != MODULE_COLUMNS:
         raise BackendUnavailable("the C++ extension is stale (table columns differ); rebuild with `pip install -e .`")
+    if not hasattr(_cpu, "set_simd_path"):
+        raise BackendUnavailable("the C++ extension is stale (no SIMD dispatch); rebuild with `pip install -e .`")
+    forced = os.environ.get(ENV_SIMD, "").strip().lower()
+    if forced:
+        try:
+            _cpu.set_simd_path(forced)
+        except ValueError as exc:
+            raise BackendUnavailable(f"${ENV_SIMD}={forced}: {exc}") from None
     return _cpu
+
+
+def simd_path() -> str:
+    """The SIMD path the CPU kernels use here ("avx512", "avx2" or "portable"), after $ROBUSTMERGE_SIMD."""
+    return _load_extension().simd_path()
+
+
+def simd_summary() -> str:
+    """e.g. ``simd avx2 (compiled: avx512 [no cpu support], avx2, portable)``, for ``robustmerge backends``."""
+    ext = _load_extension()
+    paths = ", ".join(name if ok else f"{name} [no cpu support]" for name, ok in ext.simd_paths().items())
+    return f"simd {ext.simd_path()} (compiled: {paths})"
 
 
 class CpuBackend(KernelBackend):
