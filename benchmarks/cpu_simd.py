@@ -1,0 +1,133 @@
+"""CPU backend per SIMD path vs. a flat copy of the same bytes, all in one process.
+
+    ROBUSTMERGE_NUM_THREADS=2 python benchmarks/cpu_simd.py llava-7b:8:fp32 llava-7b:8:bf16 \
+        llava-7b:32:fp32 --rounds 5 --csv benchmarks/results/cpu-simd-<date>.csv
+
+For each case the rounds interleave every row (copy-flat, then merge() forced to each SIMD
+path the CPU supports, via _cpu.set_simd_path), so machine noise hits all rows alike; each
+row's median over rounds is divided by the copy's median (same run). The merged outputs of
+every path are checked byte-identical. Cases are ``shape:T[:dtype[:layers]]`` as in the
+pytest harness (conftest.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import robustmerge_kernels  # noqa: E402
+from robustmerge_kernels import _cpu, synthetic  # noqa: E402
+from robustmerge_kernels.backends.cpu import get_num_threads  # noqa: E402
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COLUMNS = ("case", "row", "simd", "median_s", "min_s", "ratio_to_copy_flat", "gb_s", "rounds", "threads", "bytes_read",
+           "cpu", "cpu_simd_level", "load1", "date")  # fmt: skip
+
+
+def cpu_description() -> tuple[str, str]:
+    name, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name == "unknown":
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    level = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+    return f"{name} ({os.cpu_count()} cpus)", level
+
+
+def run_case(spec: str, rounds: int, paths: list[str]) -> list[dict]:
+    parts = spec.split(":")
+    shape, T = parts[0], int(parts[1])
+    dtype = parts[2] if len(parts) > 2 else "fp32"
+    layers = int(parts[3]) if len(parts) > 3 else None
+    adapters = synthetic.synthetic_adapters(shape, T, 16, _DTYPES[dtype], seed=0, layers=layers, shared_buffer=True)
+    flat = [torch.empty(0, dtype=torch.uint8).set_(next(iter(sd.values())).untyped_storage()) for sd, _ in adapters]
+    nbytes = sum(f.numel() for f in flat)
+    dst = [torch.empty_like(f) for f in flat]
+
+    def copy_flat():
+        for d, s in zip(dst, flat):
+            d.copy_(s)
+
+    def merge_with(path):
+        def run():
+            _cpu.set_simd_path(path)
+            return robustmerge_kernels.merge(adapters, backend="cpu")
+
+        return run
+
+    rows = {"copy-flat": copy_flat, **{f"cpu-{p}": merge_with(p) for p in paths}}
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    reference = None
+    for name, fn in rows.items():  # warm-up, and the bit-identity check across paths
+        out = fn()
+        if name.startswith("cpu-"):
+            flat_out = torch.cat([t.reshape(-1).view(torch.uint8) for t in out.values()])
+            if reference is None:
+                reference = flat_out
+            elif not torch.equal(reference, flat_out):
+                raise SystemExit(f"{spec}: {name} output differs from {paths[0]}'s")
+        del out
+    for _ in range(rounds):
+        for name, fn in rows.items():
+            t0 = time.perf_counter()
+            out = fn()
+            times[name].append(time.perf_counter() - t0)
+            del out
+    _cpu.set_simd_path("auto")
+    copy_median = statistics.median(times["copy-flat"])
+    result = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        result.append(dict(
+            case=f"{shape}{f'-L{layers}' if layers else ''}-T{T}-{dtype}", row=name,
+            simd=name[4:] if name.startswith("cpu-") else "", median_s=f"{med:.4f}", min_s=f"{min(ts):.4f}",
+            ratio_to_copy_flat=f"{med / copy_median:.3f}", gb_s=f"{nbytes / med / 1e9:.2f}", rounds=rounds,
+            threads=get_num_threads(), bytes_read=nbytes, load1=f"{os.getloadavg()[0]:.2f}",
+        ))  # fmt: skip
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cases", nargs="+", help="shape:T[:dtype[:layers]], e.g. llava-7b:8:bf16")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--paths", default=None, help="comma-separated SIMD paths (default: every one this CPU supports)")
+    ap.add_argument("--csv", default=None, help="append the rows to this CSV")
+    args = ap.parse_args()
+    paths = args.paths.split(",") if args.paths else [p for p, ok in _cpu.simd_paths().items() if ok]
+    cpu, level = cpu_description()
+    date = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
+    print(f"{cpu}, SIMD level {level}, {get_num_threads()} threads")
+    print(f"{'case':<22} {'row':<14} {'median':>9} {'x copy':>7} {'GB/s':>6}")
+    all_rows = []
+    for spec in args.cases:
+        for row in run_case(spec, args.rounds, paths):
+            row.update(cpu=cpu, cpu_simd_level=level, date=date)
+            all_rows.append(row)
+            print(f"{row['case']:<22} {row['row']:<14} {float(row['median_s']) * 1e3:>7.1f}ms "
+                  f"{row['ratio_to_copy_flat']:>7} {row['gb_s']:>6}", flush=True)  # fmt: skip
+    if args.csv:
+        new = not Path(args.csv).exists()
+        with open(args.csv, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerows(all_rows)
+
+
+if __name__ == "__main__":
+    main()
