@@ -5,8 +5,9 @@
 
 For each case the rounds interleave every row (copy-flat, then merge() forced to each SIMD
 path the CPU supports, via _cpu.set_simd_path), so machine noise hits all rows alike; each
-row's median over rounds is divided by the copy's median (same run). The merged outputs of
-every path are checked byte-identical. Cases are ``shape:T[:dtype[:layers]]`` as in the
+row's median over rounds is divided by the copy's median (same run). ``kernel_s`` is the
+part of a merge() spent inside the C++ kernel calls (the rest is planning, tables and
+output allocation in Python). The merged outputs of every path are checked byte-identical. Cases are ``shape:T[:dtype[:layers]]`` as in the
 pytest harness (conftest.py).
 """
 
@@ -29,7 +30,8 @@ from robustmerge_kernels import _cpu, synthetic  # noqa: E402
 from robustmerge_kernels.backends.cpu import get_num_threads  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-COLUMNS = ("case", "row", "simd", "median_s", "min_s", "ratio_to_copy_flat", "gb_s", "rounds", "threads", "bytes_read",
+COLUMNS = ("case", "row", "simd", "median_s", "min_s", "ratio_to_copy_flat", "kernel_s", "kernel_ratio_to_copy_flat",
+           "gb_s", "rounds", "threads", "bytes_read",
            "cpu", "cpu_simd_level", "load1", "date")  # fmt: skip
 
 
@@ -46,6 +48,20 @@ def cpu_description() -> tuple[str, str]:
         pass
     level = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
     return f"{name} ({os.cpu_count()} cpus)", level
+
+
+class KernelTimer:
+    """Wraps _cpu.robustmerge (what the CPU backend calls) to sum the time spent inside it."""
+
+    def __init__(self):
+        self.inner, self.seconds = _cpu.robustmerge, 0.0
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 def run_case(spec: str, rounds: int, paths: list[str]) -> list[dict]:
@@ -71,6 +87,9 @@ def run_case(spec: str, rounds: int, paths: list[str]) -> list[dict]:
 
     rows = {"copy-flat": copy_flat, **{f"cpu-{p}": merge_with(p) for p in paths}}
     times: dict[str, list[float]] = {name: [] for name in rows}
+    kernel: dict[str, list[float]] = {name: [] for name in rows}
+    timer = KernelTimer()
+    _cpu.robustmerge = timer
     reference = None
     for name, fn in rows.items():  # warm-up, and the bit-identity check across paths
         out = fn()
@@ -83,19 +102,24 @@ def run_case(spec: str, rounds: int, paths: list[str]) -> list[dict]:
         del out
     for _ in range(rounds):
         for name, fn in rows.items():
+            timer.seconds = 0.0
             t0 = time.perf_counter()
             out = fn()
             times[name].append(time.perf_counter() - t0)
+            kernel[name].append(timer.seconds)
             del out
+    _cpu.robustmerge = timer.inner
     _cpu.set_simd_path("auto")
     copy_median = statistics.median(times["copy-flat"])
     result = []
     for name, ts in times.items():
         med = statistics.median(ts)
+        kmed = statistics.median(kernel[name]) if name.startswith("cpu-") else None
         result.append(dict(
             case=f"{shape}{f'-L{layers}' if layers else ''}-T{T}-{dtype}", row=name,
             simd=name[4:] if name.startswith("cpu-") else "", median_s=f"{med:.4f}", min_s=f"{min(ts):.4f}",
-            ratio_to_copy_flat=f"{med / copy_median:.3f}", gb_s=f"{nbytes / med / 1e9:.2f}", rounds=rounds,
+            ratio_to_copy_flat=f"{med / copy_median:.3f}", kernel_s="" if kmed is None else f"{kmed:.4f}",
+            kernel_ratio_to_copy_flat="" if kmed is None else f"{kmed / copy_median:.3f}", gb_s=f"{nbytes / med / 1e9:.2f}", rounds=rounds,
             threads=get_num_threads(), bytes_read=nbytes, load1=f"{os.getloadavg()[0]:.2f}",
         ))  # fmt: skip
     return result
@@ -112,14 +136,16 @@ def main() -> None:
     cpu, level = cpu_description()
     date = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
     print(f"{cpu}, SIMD level {level}, {get_num_threads()} threads")
-    print(f"{'case':<22} {'row':<14} {'median':>9} {'x copy':>7} {'GB/s':>6}")
+    print(f"{'case':<22} {'row':<14} {'median':>9} {'x copy':>7} {'kernel':>9} {'x copy':>7} {'GB/s':>6}")
     all_rows = []
     for spec in args.cases:
         for row in run_case(spec, args.rounds, paths):
             row.update(cpu=cpu, cpu_simd_level=level, date=date)
             all_rows.append(row)
+            kernel = f"{float(row['kernel_s']) * 1e3:>7.1f}ms" if row["kernel_s"] else ""
             print(f"{row['case']:<22} {row['row']:<14} {float(row['median_s']) * 1e3:>7.1f}ms "
-                  f"{row['ratio_to_copy_flat']:>7} {row['gb_s']:>6}", flush=True)  # fmt: skip
+                  f"{row['ratio_to_copy_flat']:>7} {kernel:>9} {row['kernel_ratio_to_copy_flat']:>7} {row['gb_s']:>6}",
+                  flush=True)  # fmt: skip
     if args.csv:
         new = not Path(args.csv).exists()
         with open(args.csv, "a", newline="") as f:

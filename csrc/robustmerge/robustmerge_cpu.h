@@ -101,12 +101,17 @@ class CpuMerge {
     const int64_t r = mod(m)[kModRank], na = r * mod(m)[kModIn], nb = r * mod(m)[kModOut];
     bool finite = true;
     acc.assign(na, 0.0f);
-    for (int64_t i = first; i < last; ++i) finite = select_a(i, finite ? acc.data() : nullptr) && finite;
+    for (int64_t i = first; i < last; ++i) {
+      // The next matrix's sample, requested now, arrives while this one is worked on.
+      i + 1 < last ? prefetch_sample(a_of(i + 1), a_dtype(i + 1), na) : prefetch_sample(b_of(first), b_dtype(first), nb);
+      finite = select_a(i, finite ? acc.data() : nullptr) && finite;
+    }
     if (finite) store(m, false, acc.data(), 0, na);
     // B's weights come from A's scales only, so each B is fused right after its selection.
     if (finite) fusion_weights(m);
     acc.assign(nb, 0.0f);
     for (int64_t i = first; i < last; ++i) {
+      if (i + 1 < last) prefetch_sample(b_of(i + 1), b_dtype(i + 1), nb);
       finite = select_b(i) && finite;
       if (finite) fuse_b(i, r, acc.data(), 0, mod(m)[kModOut]);
     }
