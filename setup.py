@@ -87,6 +87,8 @@ setup(
     description="Fast, exact RobustMerge (NeurIPS 2025) merging of LoRA adapters",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     packages=find_packages(include=["robustmerge_kernels", "robustmerge_kernels.*"]),
     package_data={"robustmerge_kernels.eval": ["tasks.json"]},
     ext_modules=[

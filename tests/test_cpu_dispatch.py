@@ -4,6 +4,11 @@ reference masks; paths are forced by name or $ROBUSTMERGE_SIMD and refused when 
 
 from __future__ import annotations
 
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from _cases import KERNEL_DTYPES, KERNEL_IDS, kernel_masks, module_inputs, random_module
@@ -203,3 +208,50 @@ def test_merges_byte_identical_across_paths_and_threads(dtype, r, big, simd):
         ref = robustmerge_module(mod.a, mod.b, params, list(mod.plan.b_scale))
         assert torch.equal(kernel_masks(mod.a, first.tau_a[4 * i:4 * i + 4]), ref.mask_a)
         assert torch.equal(kernel_masks(mod.b, first.tau_b[4 * i:4 * i + 4]), ref.mask_b)
+
+
+# ------------------------------------------------------------------ older CPUs (qemu-user)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """tests/cpu_dispatch_probe.cpp built as the module is by default (no -march flags)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None or platform.machine() != "x86_64":
+        pytest.skip("needs a C++ compiler on x86-64")
+    exe = tmp_path_factory.mktemp("probe") / "probe"
+    subprocess.run(
+        [cxx, "-std=c++17", "-O3", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-pthread",
+         f"-I{REPO / 'csrc'}", str(REPO / "tests" / "cpu_dispatch_probe.cpp"), "-o", str(exe)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    return exe
+
+
+def _run(cmd):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_probe_same_bits_on_every_path(probe):
+    runs = {name: _run([str(probe), name]).stdout.split() for name in PATHS}
+    assert all(out[:2] == [name, "1"] for name, out in runs.items()), runs
+    assert len({out[2] for out in runs.values()}) == 1, runs
+    assert _run([str(probe)]).stdout.split()[0] == PATHS[0]
+
+
+@pytest.mark.parametrize("model,expected", [("qemu64", "portable"), ("Nehalem", "portable"), ("Haswell", "avx2")])
+def test_older_cpus_dispatch_to_what_they_have(probe, model, expected):
+    """x86-64-v1 (qemu64) and -v2 (Nehalem) run the portable path with no illegal instruction,
+    AVX2-only Haswell the AVX2 path, all with the same bits; forcing AVX2 on Nehalem is refused."""
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-user (qemu-x86_64) is not installed")
+    native = _run([str(probe), "portable"]).stdout.split()[2]
+    out = _run([qemu, "-cpu", model, str(probe)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [expected, "1", native]
+    if expected == "portable":
+        refused = _run([qemu, "-cpu", model, str(probe), "avx2"])
+        assert refused.returncode != 0 and "does not support" in refused.stderr

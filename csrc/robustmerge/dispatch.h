@@ -27,7 +27,18 @@
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define RMK_X86_DISPATCH 1
+// GCC 12 reports false -W(maybe-)uninitialized warnings inside its own AVX-512 intrinsics
+// when they are used from target-attribute functions (the "undefined" vectors they pass as
+// merge sources); the diagnostics point into these headers, so they are silenced here only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 #define RMK_NS portable
