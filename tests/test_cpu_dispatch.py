@@ -4,9 +4,12 @@ reference masks; paths are forced by name or $ROBUSTMERGE_SIMD and refused when 
 
 from __future__ import annotations
 
+import csv
+import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -255,3 +258,19 @@ def test_older_cpus_dispatch_to_what_they_have(probe, model, expected):
     if expected == "portable":
         refused = _run([qemu, "-cpu", model, str(probe), "avx2"])
         assert refused.returncode != 0 and "does not support" in refused.stderr
+
+
+def test_per_path_benchmark_script_runs(tmp_path):
+    """benchmarks/cpu_simd.py (the README's per-path table) on a tiny case: every path's row,
+    outputs checked byte-identical by the script itself."""
+    out = tmp_path / "simd.csv"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "cpu_simd.py"), "clip-vit-b32:2:bf16:1", "--rounds", "1",
+         "--csv", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "ROBUSTMERGE_NUM_THREADS": "2"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["row"] for r in rows] == ["copy-flat", *(f"cpu-{p}" for p in PATHS)]
+    assert all(float(r["median_s"]) > 0 and r["threads"] == "2" for r in rows)

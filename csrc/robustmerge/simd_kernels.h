@@ -113,6 +113,13 @@ RMK_TARGET BracketCounts bracket(const void* xv, int64_t n, uint32_t lo, uint32_
     bracket16(_mm512_and_si512(key, mag), lov, span, c, r.m, r.below, mx);
   }
   r.max_key = _mm512_reduce_max_epu32(mx);
+#else
+  // Portable: the branch-free scalar loop (a branch on "any candidate in this group" costs
+  // more in mispredictions than it saves), in groups of 16 for the prefetch.
+  for (; i + 16 <= n; i += 16) {
+    prefetch_ahead(x + i);
+    bracket_scalar<Tr>(x, i, i + 16, lo, hi, c, r);
+  }
 #endif
   (void)k16;
   bracket_scalar<Tr>(x, i, n, lo, hi, c, r);
@@ -120,6 +127,18 @@ RMK_TARGET BracketCounts bracket(const void* xv, int64_t n, uint32_t lo, uint32_
 }
 
 // ---------------------------------------------------------------- A: row sums and fusion
+
+// keep ? v : +0.0 as a bit mask. The same value as the conditional, but with the float
+// work done unconditionally, so compilers if-convert and vectorise the loops (a
+// conditional multiply is not, under the default -ftrapping-math).
+RMK_TARGET inline float masked(float v, bool keep) { return bits_to_f32(f32_to_bits(v) & (0u - uint32_t(keep))); }
+RMK_TARGET inline double masked(double v, bool keep) {
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof u);
+  u &= 0ull - uint64_t(keep);
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
 
 // Elements [j, cols) of one row, scalar, continuing the 16 lanes (lane = j mod 16).
 template <class Tr, bool kSums, bool kAcc>
@@ -132,9 +151,9 @@ RMK_TARGET inline void a_row_scalar(const typename Tr::Storage* row, int64_t j, 
     if constexpr (kSums) {
       const double v = static_cast<double>(Tr::to_f32(static_cast<typename Tr::Storage>(key)));
       t[j & 15] += v;
-      k[j & 15] += keep ? v : 0.0;
+      k[j & 15] += masked(v, keep);
     }
-    if constexpr (kAcc) out[j] += keep ? Tr::to_f32(s) : 0.0f;
+    if constexpr (kAcc) out[j] += masked(Tr::to_f32(s), keep);
   }
 }
 
@@ -217,6 +236,22 @@ RMK_TARGET void a_pass_t(const typename Tr::Storage* a, int64_t rows, int64_t co
         _mm256_store_pd(k + 4 * q, K[q]);
       }
     }
+#elif RMK_LEVEL == 0
+    if constexpr (kSums) {
+      // Blocks of 16 with the lane as the inner index: the shape the compiler vectorises
+      // (SSE2 on x86-64, NEON on aarch64), in the same order as the scalar tail.
+      for (; j + 16 <= cols; j += 16) {
+        for (int l = 0; l < 16; ++l) {
+          const auto s = row[j + l];
+          const uint32_t key = s & Tr::kMagMask;
+          const bool keep = key >= tau;
+          const double v = static_cast<double>(Tr::to_f32(static_cast<typename Tr::Storage>(key)));
+          t[l] += v;
+          k[l] += masked(v, keep);
+          if constexpr (kAcc) out[j + l] += masked(Tr::to_f32(s), keep);
+        }
+      }
+    }
 #elif RMK_LEVEL == 2
     if constexpr (kSums) {
       __m512d T0 = _mm512_setzero_pd(), T1 = T0, K0 = T0, K1 = T0;  // lanes 0-7 and 8-15
@@ -260,7 +295,7 @@ template <class Tr>
 RMK_TARGET void a_acc(const typename Tr::Storage* x, int64_t len, uint32_t tau, float* acc) {
   for (int64_t j = 0; j < len; ++j) {
     const auto s = x[j];
-    acc[j] += (uint32_t(s & Tr::kMagMask) >= tau) ? Tr::to_f32(s) : 0.0f;
+    acc[j] += masked(Tr::to_f32(s), uint32_t(s & Tr::kMagMask) >= tau);
   }
 }
 
@@ -284,8 +319,9 @@ RMK_TARGET void b_pass(float* acc, const void* bv, int64_t rows, int64_t rank, u
                        const float* w) {
   const auto* x = static_cast<const typename Tr::Storage*>(bv);
   for (int64_t i = 0; i < rows; ++i) {
-    const typename Tr::Storage* row = x + i * rank;
-    float* out = acc + i * rank;
+    // The accumulator never overlaps the inputs: no run-time alias checks in short rows.
+    const typename Tr::Storage* __restrict__ row = x + i * rank;
+    float* __restrict__ out = acc + i * rank;
     int64_t c = 0;
 #if RMK_LEVEL == 1
     const __m256i tau1 = _mm256_set1_epi32(int(tau) - 1);
@@ -312,8 +348,7 @@ RMK_TARGET void b_pass(float* acc, const void* bv, int64_t rows, int64_t rank, u
 #endif
     for (; c < rank; ++c) {
       const auto s = row[c];
-      const float v = (uint32_t(s & Tr::kMagMask) >= tau) ? Tr::to_f32(s) * b_scale : 0.0f;
-      out[c] += v * w[c];
+      out[c] += masked(Tr::to_f32(s) * b_scale, uint32_t(s & Tr::kMagMask) >= tau) * w[c];
     }
   }
 }
