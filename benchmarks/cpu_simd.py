@@ -7,7 +7,10 @@ For each case the rounds interleave every row (copy-flat, then merge() forced to
 path the CPU supports, via _cpu.set_simd_path), so machine noise hits all rows alike; each
 row's median over rounds is divided by the copy's median (same run). ``kernel_s`` is the
 part of a merge() spent inside the C++ kernel calls (the rest is planning, tables and
-output allocation in Python). The merged outputs of every path are checked byte-identical. Cases are ``shape:T[:dtype[:layers]]`` as in the
+output allocation in Python). ``cpu_s`` is the process CPU time of a round (all threads):
+on a shared machine, waiting for a core inflates wall time but not CPU time, so
+``cpu_ratio_to_copy_flat`` is the steadier ratio when the load average exceeds the cores.
+The merged outputs of every path are checked byte-identical. Cases are ``shape:T[:dtype[:layers]]`` as in the
 pytest harness (conftest.py).
 """
 
@@ -31,7 +34,7 @@ from robustmerge_kernels.backends.cpu import get_num_threads  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COLUMNS = ("case", "row", "simd", "median_s", "min_s", "ratio_to_copy_flat", "kernel_s", "kernel_ratio_to_copy_flat",
-           "gb_s", "rounds", "threads", "bytes_read",
+           "cpu_s", "cpu_ratio_to_copy_flat", "gb_s", "rounds", "threads", "bytes_read",
            "cpu", "cpu_simd_level", "load1", "date")  # fmt: skip
 
 
@@ -88,6 +91,7 @@ def run_case(spec: str, rounds: int, paths: list[str]) -> list[dict]:
     rows = {"copy-flat": copy_flat, **{f"cpu-{p}": merge_with(p) for p in paths}}
     times: dict[str, list[float]] = {name: [] for name in rows}
     kernel: dict[str, list[float]] = {name: [] for name in rows}
+    cpu: dict[str, list[float]] = {name: [] for name in rows}
     timer = KernelTimer()
     _cpu.robustmerge = timer
     reference = None
@@ -103,14 +107,16 @@ def run_case(spec: str, rounds: int, paths: list[str]) -> list[dict]:
     for _ in range(rounds):
         for name, fn in rows.items():
             timer.seconds = 0.0
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             out = fn()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
             kernel[name].append(timer.seconds)
             del out
     _cpu.robustmerge = timer.inner
     _cpu.set_simd_path("auto")
     copy_median = statistics.median(times["copy-flat"])
+    copy_cpu = statistics.median(cpu["copy-flat"])
     result = []
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -119,7 +125,9 @@ def run_case(spec: str, rounds: int, paths: list[str]) -> list[dict]:
             case=f"{shape}{f'-L{layers}' if layers else ''}-T{T}-{dtype}", row=name,
             simd=name[4:] if name.startswith("cpu-") else "", median_s=f"{med:.4f}", min_s=f"{min(ts):.4f}",
             ratio_to_copy_flat=f"{med / copy_median:.3f}", kernel_s="" if kmed is None else f"{kmed:.4f}",
-            kernel_ratio_to_copy_flat="" if kmed is None else f"{kmed / copy_median:.3f}", gb_s=f"{nbytes / med / 1e9:.2f}", rounds=rounds,
+            kernel_ratio_to_copy_flat="" if kmed is None else f"{kmed / copy_median:.3f}",
+            cpu_s=f"{statistics.median(cpu[name]):.4f}",
+            cpu_ratio_to_copy_flat=f"{statistics.median(cpu[name]) / copy_cpu:.3f}", gb_s=f"{nbytes / med / 1e9:.2f}", rounds=rounds,
             threads=get_num_threads(), bytes_read=nbytes, load1=f"{os.getloadavg()[0]:.2f}",
         ))  # fmt: skip
     return result
@@ -136,7 +144,8 @@ def main() -> None:
     cpu, level = cpu_description()
     date = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
     print(f"{cpu}, SIMD level {level}, {get_num_threads()} threads")
-    print(f"{'case':<22} {'row':<14} {'median':>9} {'x copy':>7} {'kernel':>9} {'x copy':>7} {'GB/s':>6}")
+    print(f"{'case':<22} {'row':<14} {'median':>9} {'x copy':>7} {'kernel':>9} {'x copy':>7} {'cpu x copy':>10} "
+          f"{'GB/s':>6}")
     all_rows = []
     for spec in args.cases:
         for row in run_case(spec, args.rounds, paths):
@@ -144,8 +153,13 @@ def main() -> None:
             all_rows.append(row)
             kernel = f"{float(row['kernel_s']) * 1e3:>7.1f}ms" if row["kernel_s"] else ""
             print(f"{row['case']:<22} {row['row']:<14} {float(row['median_s']) * 1e3:>7.1f}ms "
-                  f"{row['ratio_to_copy_flat']:>7} {kernel:>9} {row['kernel_ratio_to_copy_flat']:>7} {row['gb_s']:>6}",
+                  f"{row['ratio_to_copy_flat']:>7} {kernel:>9} {row['kernel_ratio_to_copy_flat']:>7} "
+                  f"{row['cpu_ratio_to_copy_flat']:>10} {row['gb_s']:>6}",
                   flush=True)  # fmt: skip
+    if args.csv and Path(args.csv).exists():
+        with open(args.csv) as f:
+            if next(csv.reader(f), None) != list(COLUMNS):
+                raise SystemExit(f"{args.csv}: has other columns; append to a CSV of this script's version only")
     if args.csv:
         new = not Path(args.csv).exists()
         with open(args.csv, "a", newline="") as f:
