@@ -1,8 +1,10 @@
 """Package build: setuptools drives CMakeLists.txt to build the compiled backends.
 
 `pip install -e .` (or a wheel build) configures CMake in build/ and writes the extension
-modules next to the Python sources. Environment knobs: RMK_NATIVE=0 for a portable build
-(no -march=native), RMK_CMAKE_ARGS for extra CMake arguments, RMK_BUILD_JOBS for make -j.
+modules next to the Python sources. Environment knobs: RMK_NATIVE=1 to compile for this
+machine's CPU only (-march=native; the default build is portable and picks AVX-512, AVX2 or
+its portable path at run time), RMK_CMAKE_ARGS for extra CMake arguments, RMK_BUILD_JOBS
+for make -j.
 
 The CPU module (_cpu) is mandatory. The CUDA module (_cuda) is built when a CUDA compiler is
 found (nvcc on the PATH, $CUDACXX, or CMake's own search) and skipped with a message
@@ -64,7 +66,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             "-DCMAKE_BUILD_TYPE=Release",
-            f"-DRMK_NATIVE={'OFF' if os.environ.get('RMK_NATIVE') == '0' else 'ON'}",
+            f"-DRMK_NATIVE={'ON' if os.environ.get('RMK_NATIVE', '').strip() == '1' else 'OFF'}",
             f"-DRMK_BUILD_CUDA={'ON' if cuda_wanted() and cuda_compiler_hint() else 'OFF'}",
             *shlex.split(os.environ.get("RMK_CMAKE_ARGS", "")),
         ]
@@ -85,6 +87,8 @@ setup(
     description="Fast, exact RobustMerge (NeurIPS 2025) merging of LoRA adapters",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     packages=find_packages(include=["robustmerge_kernels", "robustmerge_kernels.*"]),
     package_data={"robustmerge_kernels": ["py.typed"], "robustmerge_kernels.eval": ["tasks.json"]},
     ext_modules=[

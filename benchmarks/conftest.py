@@ -332,8 +332,18 @@ def run_bench(benchmark, request, bench_case: BenchCase, case_data: CaseData, im
 CSV_COLUMNS = (
     "case", "backend", "median_s", "gb_s", "ratio_to_copy", "ratio_to_reference", "ratio_to_copy_paired",
     "min_s", "spread", "rounds", "load1", "bytes_read", "shape", "T", "dtype", "layers", "rank", "threads",
-    "device", "commit", "date",
+    "device", "cpu_simd", "commit", "date",
 )  # fmt: skip
+
+
+def _cpu_simd() -> str:
+    """The CPU backend's SIMD path in this session (avx512, avx2, portable; $ROBUSTMERGE_SIMD forces one)."""
+    try:
+        from robustmerge_kernels.backends.cpu import simd_path
+
+        return simd_path()
+    except Exception:  # extension not built, or a forced path this CPU lacks: no cpu rows either
+        return ""
 
 
 def _provenance() -> tuple[str, str, str]:
@@ -381,7 +391,8 @@ def _finish_session(session) -> None:
     path = Path(option) if option else RESULTS_DIR / f"{bs.mode}-{stamp}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     order = {c.id: i for i, c in enumerate(bs.cases)}
-    provenance = _provenance()
+    device, commit, date = _provenance()
+    provenance = (device, _cpu_simd(), commit, date)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)

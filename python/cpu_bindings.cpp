@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "robustmerge/robustmerge_cpu.h"
@@ -45,19 +46,17 @@ static bool thresholds_table(uintptr_t table, int64_t n, int n_threads, uintptr_
   uint32_t* keys = reinterpret_cast<uint32_t*>(keys_out);
   int32_t* status = reinterpret_cast<int32_t*>(status_out);
   std::atomic<bool> ok{true};
+  const rm::Kernels& kern = rm::active_kernels();
   {
     py::gil_scoped_release release;
     rm::parallel_for(n, n_threads, [&](int64_t i) {
       const int64_t* row = t + 4 * i;
-      std::vector<uint32_t> candidates;
-      rm::dispatch_dtype(int32_t(row[1]), [&](auto tr) {
-        using Tr = decltype(tr);
-        const auto* x = reinterpret_cast<const typename Tr::Storage*>(row[0]);
-        const rm::Threshold th = rm::select_threshold<Tr>(x, row[2], row[3], candidates);
-        keys[i] = th.key;
-        status[i] = th.finite ? 0 : 1;
-        if (!th.finite) ok = false;
-      });
+      thread_local std::vector<uint32_t> candidates, sample;
+      const rm::Threshold th = rm::select_threshold(kern, int32_t(row[1]), reinterpret_cast<const void*>(row[0]),
+                                                    row[2], row[3], candidates, sample);
+      keys[i] = th.key;
+      status[i] = th.finite ? 0 : 1;
+      if (!th.finite) ok = false;
     });
   }
   return ok;
@@ -71,5 +70,15 @@ PYBIND11_MODULE(_cpu, m) {
         "RobustMerge a whole plan. Returns False (statuses set) when an input holds inf/NaN.");
   m.def("thresholds", &thresholds_table, py::arg("table"), py::arg("n"), py::arg("n_threads"), py::arg("keys_out"),
         py::arg("status_out"), "Exact k-th smallest |x| keys for a table of (address, dtype, numel, k) rows.");
+  // SIMD code path (csrc/robustmerge/dispatch.h): chosen for this CPU at import.
+  m.def("simd_path", [] { return std::string(rm::active_kernels().name); },
+        "The SIMD code path the kernels use: avx512, avx2 or portable.");
+  m.def("set_simd_path", &rm::set_path, py::arg("name"),
+        "Use this SIMD path ('auto': the best this CPU supports). ValueError if unknown or unsupported here.");
+  m.def("simd_paths", [] {
+    py::dict out;  // every path compiled in, best first -> whether this CPU can run it
+    for (const rm::SimdPath& p : rm::simd_paths()) out[p.kernels->name] = p.supported;
+    return out;
+  }, "Every SIMD path in this build, best first, mapped to whether this CPU supports it.");
   robustmerge_bindings::add_table_schema(m);
 }

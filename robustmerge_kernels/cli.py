@@ -113,6 +113,10 @@ def _backends(args: argparse.Namespace) -> int:
     from .backends import available_backends
 
     for name, state in available_backends(args.device).items():
+        if name == "cpu" and state == "ok":  # which SIMD code path the CPU kernels dispatched to
+            from .backends.cpu import simd_summary
+
+            state = f"{state}, {simd_summary()}"
         print(f"{name:12s} {state}")
     return 0
 

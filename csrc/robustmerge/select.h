@@ -1,98 +1,41 @@
-// Exact magnitude top-k threshold (SPEC step 1) by radix selection on magnitude keys.
+// Exact magnitude top-k threshold (SPEC step 1): tau = the k-th smallest |x| (1-based),
+// exactly torch.kthvalue(|x|.flatten(), k), as a magnitude key.
 //
-// tau = the k-th smallest |x| (1-based), exactly torch.kthvalue(|x|.flatten(), k), found
-// without sorting or copying |x|:
-//   pass 1: histogram of the top 11 key bits (2048 bins, in L1), which also reveals any
-//           inf/NaN (their exponent is all ones, so they land in the topmost bins);
-//   pass 2: gather only the keys in the bin holding the k-th value, then nth_element on
-//           those few candidates.
-// A LoRA matrix (at most a few hundred KB) stays in L2 between the passes, so memory
-// traffic is one read of the matrix.
+// Sampled bracket, so that the pass over the matrix is one vector loop with no per-element
+// histogram scatter:
+//   1. sample 1024 keys (64 cache lines spread over the matrix) and pick lo / hi in it a few
+//      standard deviations of the sample rank either side of where the k-th should fall;
+//   2. one vector pass (Kernels::bracket): count keys below lo, compact the keys in
+//      [lo, hi] (a few percent of them), find the largest key (inf/NaN check);
+//   3. if the k-th is in the bracket (below < k <= below + m), a radix select among the
+//      candidates gives it exactly; if the sample misled us (rare, or adversarial data),
+//      the same pass again over the whole key range, which is always exact.
+// The result never depends on the sample, only the time does; so it is the same on every
+// path and thread count, and equal to the reference.
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "dispatch.h"
 #include "dtype.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "tables.h"
 
 namespace robustmerge {
 
-constexpr int kBins = 2048;
-
 struct Threshold {
-  uint32_t key = 0;     // tau as a magnitude key; mask = key(x) >= tau
-  bool finite = true;   // false: the matrix holds inf or NaN (nothing else is valid)
+  uint32_t key = 0;    // tau as a magnitude key; mask = key(x) >= tau
+  bool finite = true;  // false: the matrix holds inf or NaN (nothing else is valid)
 };
 
-// Four interleaved sub-histograms: consecutive equal keys (ties, zeros) would otherwise
-// serialise on one counter's store-to-load dependency.
-template <class Tr>
-void key_histogram(const typename Tr::Storage* x, int64_t n, uint32_t* hist /* [kBins] */) {
-  alignas(64) uint32_t sub[4][kBins] = {};
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    ++sub[0][(x[i] & Tr::kMagMask) >> Tr::kShift];
-    ++sub[1][(x[i + 1] & Tr::kMagMask) >> Tr::kShift];
-    ++sub[2][(x[i + 2] & Tr::kMagMask) >> Tr::kShift];
-    ++sub[3][(x[i + 3] & Tr::kMagMask) >> Tr::kShift];
-  }
-  for (; i < n; ++i) ++sub[0][(x[i] & Tr::kMagMask) >> Tr::kShift];
-  for (int b = 0; b < kBins; ++b) hist[b] = sub[0][b] + sub[1][b] + sub[2][b] + sub[3][b];
-}
-
-// Keys whose top bits equal `bin`, compacted into c (which has kGatherSlack spare slots:
-// the stores below may write up to one vector past the last match). Returns the count.
-constexpr size_t kGatherSlack = 16;
-
-template <class Tr>
-int64_t gather_bin_scalar(const typename Tr::Storage* x, int64_t begin, int64_t n, uint32_t bin, uint32_t* c,
-                          int64_t m) {
-  for (int64_t i = begin; i < n; ++i) {
-    const uint32_t key = x[i] & Tr::kMagMask;
-    c[m] = key;
-    m += (key >> Tr::kShift) == bin;  // branch-free: a store per element, a count per match
-  }
-  return m;
-}
-
-#if defined(__AVX512F__)
-// 16 keys per step: compare the top bits, compress the matches inside a register, store the
-// whole vector and advance by the match count. About ten times the scalar loop's speed.
-template <class Tr>
-int64_t gather_bin(const typename Tr::Storage* x, int64_t n, uint32_t bin, uint32_t* c) {
-  const __m512i mag = _mm512_set1_epi32(int(Tr::kMagMask));
-  const __m512i want = _mm512_set1_epi32(int(bin));
-  int64_t m = 0, i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512i v;
-    if constexpr (sizeof(typename Tr::Storage) == 4) {
-      v = _mm512_loadu_si512(reinterpret_cast<const void*>(x + i));
-    } else {
-      v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)));
-    }
-    const __m512i key = _mm512_and_si512(v, mag);
-    const __mmask16 hit = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(key, Tr::kShift), want);
-    _mm512_storeu_si512(reinterpret_cast<void*>(c + m), _mm512_maskz_compress_epi32(hit, key));
-    m += __builtin_popcount(unsigned(hit));
-  }
-  return gather_bin_scalar<Tr>(x, i, n, bin, c, m);
-}
-#else
-template <class Tr>
-int64_t gather_bin(const typename Tr::Storage* x, int64_t n, uint32_t bin, uint32_t* c) {
-  return gather_bin_scalar<Tr>(x, 0, n, bin, c, 0);
-}
-#endif
+inline uint32_t non_finite_key(int32_t dtype) { return dtype == kF32 ? 0x7f800000u : dtype == kF16 ? 0x7c00u : 0x7f80u; }
 
 // The rank-th smallest (0-based) of m candidate keys that share every bit above `low_bits`.
-// A second histogram on the next (up to) 11 bits, over candidates that sit in L1/L2,
-// narrows them further: for 16-bit keys it fixes every remaining bit; for 32-bit keys the
-// few keys left in the second-level bin go to nth_element.
+// A histogram on the next (up to) 11 bits, over candidates that sit in L1/L2, narrows them:
+// when no bits are left below the digit it is the answer; otherwise the few keys left in
+// the digit's bin go to nth_element.
 inline uint32_t select_in_bin(uint32_t* c, int64_t m, int64_t rank, int low_bits) {
   const int shift = low_bits > 11 ? low_bits - 11 : 0;
   const uint32_t digit_mask = (1u << (low_bits - shift)) - 1u;
@@ -100,7 +43,7 @@ inline uint32_t select_in_bin(uint32_t* c, int64_t m, int64_t rank, int low_bits
   for (int64_t i = 0; i < m; ++i) ++hist[(c[i] >> shift) & digit_mask];
   uint32_t digit = 0;
   while (rank >= hist[digit]) rank -= hist[digit++];
-  const uint32_t prefix = (c[0] >> low_bits << low_bits) | (digit << shift);
+  const uint32_t prefix = (low_bits >= 32 ? 0u : c[0] >> low_bits << low_bits) | (digit << shift);
   if (shift == 0) return prefix;
   int64_t left = 0;  // compact the keys of that digit in place, then select among them
   for (int64_t i = 0; i < m; ++i) {
@@ -112,113 +55,94 @@ inline uint32_t select_in_bin(uint32_t* c, int64_t m, int64_t rank, int low_bits
   return c[rank];
 }
 
-// k < 1 keeps everything (tau = 0); the histogram pass still runs, for the finite check.
-template <class Tr>
-Threshold select_threshold(const typename Tr::Storage* x, int64_t n, int64_t k, std::vector<uint32_t>& candidates) {
-  uint32_t hist[kBins];
-  key_histogram<Tr>(x, n, hist);
-  Threshold out;
-  for (uint32_t b = Tr::kNonFinite >> Tr::kShift; b < kBins; ++b) {
-    if (hist[b]) {
-      out.finite = false;
-      return out;
+constexpr int64_t kSampleLines = 64, kSampleRun = 16, kSample = kSampleLines * kSampleRun;
+constexpr int64_t kMinBracketed = 16 * kSample;  // below this, one exact pass over all keys is as cheap
+
+// Where the sample's runs of 16 consecutive keys (one cache line of fp32) start: at
+// golden-ratio positions, so rows and columns are both spread.
+inline int64_t sample_start(int64_t j, int64_t n) {
+  const uint64_t frac = uint64_t(j) * 0x9e3779b97f4a7c15ull;  // j * golden ratio mod 1, in 2^-64 units
+  return int64_t((unsigned __int128)frac * uint64_t(n - kSampleRun) >> 64);
+}
+
+// The sample's lines are cache misses (the matrix is not read yet). The schedule calls this
+// for the next matrix before working on the current one, so they arrive meanwhile; the
+// bracket pass later finds them in cache too.
+inline void prefetch_sample(const void* x, int32_t dtype, int64_t n) {
+  if (n < kMinBracketed) return;
+  const char* p = static_cast<const char*>(x);
+  const int64_t size = dtype == kF32 ? 4 : 2;
+  for (int64_t j = 0; j < kSampleLines; ++j) {
+    __builtin_prefetch(p + sample_start(j, n) * size);
+    __builtin_prefetch(p + (sample_start(j, n) + kSampleRun) * size - 1);
+  }
+}
+
+// lo / hi around the k-th smallest key, from the sample.
+template <class Storage>
+void sample_bracket(const Storage* x, int64_t n, int64_t k, uint32_t mag_mask, uint32_t max_finite, uint32_t* lo,
+                    uint32_t* hi, std::vector<uint32_t>& sample) {
+  sample.resize(kSample);
+  for (int64_t j = 0; j < kSampleLines; ++j) {
+    const Storage* run = x + sample_start(j, n);
+    for (int64_t i = 0; i < kSampleRun; ++i) sample[j * kSampleRun + i] = run[i] & mag_mask;
+  }
+  // Where the k-th smallest sits in the sorted sample, and a margin of 3.5 standard
+  // deviations of that rank (binomial) plus slack for the runs' correlation: a miss (about
+  // 1 in 1000 matrices of independent values) costs one more pass over a cached matrix.
+  const double p = (double(k) - 0.5) / double(n);
+  const double at = p * double(kSample);
+  const double margin = 3.5 * std::sqrt(double(kSample) * p * (1.0 - p)) + 3.0;
+  const int64_t lo_rank = int64_t(std::floor(at - margin)), hi_rank = int64_t(std::ceil(at + margin));
+  uint32_t* s = sample.data();
+  *lo = 0;
+  *hi = max_finite;
+  if (lo_rank >= 0) {
+    std::nth_element(s, s + lo_rank, s + kSample);
+    *lo = s[lo_rank];
+  }
+  if (hi_rank < kSample) {
+    const int64_t from = lo_rank >= 0 ? lo_rank : 0;  // everything before `from` is <= lo
+    std::nth_element(s + from, s + hi_rank, s + kSample);
+    *hi = std::min(s[hi_rank], max_finite);  // a sampled inf/NaN: the pass reports it anyway
+  }
+  *lo = std::min(*lo, *hi);
+}
+
+inline int bit_length(uint32_t v) { return v ? 32 - __builtin_clz(v) : 0; }
+
+// k < 1 keeps everything (tau = 0); the pass still runs, for the finite check.
+// `scratch` holds the candidates (grown to n + kCompactSlack) and the sample.
+inline Threshold select_threshold(const Kernels& kern, int32_t dtype, const void* x, int64_t n, int64_t k,
+                                  std::vector<uint32_t>& candidates, std::vector<uint32_t>& sample) {
+  const uint32_t max_finite = non_finite_key(dtype) - 1;
+  const uint32_t mag_mask = dtype == kF32 ? 0x7fffffffu : 0x7fffu;
+  uint32_t lo = 0, hi = max_finite;
+  if (k < 1) {
+    lo = hi = max_finite;  // compacts (almost) nothing: only the finite check matters
+  } else if (n >= kMinBracketed) {
+    if (dtype == kF32) {
+      sample_bracket(static_cast<const uint32_t*>(x), n, k, mag_mask, max_finite, &lo, &hi, sample);
+    } else {
+      sample_bracket(static_cast<const uint16_t*>(x), n, k, mag_mask, max_finite, &lo, &hi, sample);
     }
+  }
+  if (candidates.size() < size_t(n + kCompactSlack)) candidates.resize(size_t(n + kCompactSlack));
+  uint32_t* c = candidates.data();
+  BracketCounts r = kern.bracket[dtype](x, n, lo, hi, c);
+  Threshold out;
+  if (r.max_key > max_finite) {
+    out.finite = false;
+    return out;
   }
   if (k < 1) return out;
-  int64_t below = 0;  // keys in bins before `bin`
-  uint32_t bin = 0;
-  while (below + hist[bin] < k) below += hist[bin++];
-  candidates.resize(size_t(hist[bin]) + kGatherSlack);
-  uint32_t* c = candidates.data();
-  const int64_t m = gather_bin<Tr>(x, n, bin, c);
-  out.key = select_in_bin(c, m, k - below - 1, Tr::kShift);
+  if (!(r.below < k && k <= r.below + r.m)) {  // the sample missed: exact over every key
+    lo = 0;
+    hi = max_finite;
+    r = kern.bracket[dtype](x, n, lo, hi, c);
+  }
+  out.key = select_in_bin(c, r.m, k - r.below - 1, bit_length(lo ^ hi));
   return out;
-}
-
-// SPEC step 2 inputs for one task: per row of A [rows x cols], the total |A| and the kept
-// |A| (key >= tau), in double so rows of huge finite values cannot overflow. Fixed lanes
-// summed in a fixed order keep the result independent of the thread count.
-template <class Tr>
-void row_abs_sums_scalar(const typename Tr::Storage* row, int64_t begin, int64_t cols, uint32_t tau, double* t,
-                         double* k) {
-  constexpr int L = 8;
-  int64_t j = begin;
-  for (; j + L <= cols; j += L) {
-    for (int l = 0; l < L; ++l) {
-      const uint32_t key = row[j + l] & Tr::kMagMask;
-      const double v = static_cast<double>(Tr::to_f32(static_cast<typename Tr::Storage>(key)));
-      t[l] += v;
-      k[l] += key >= tau ? v : 0.0;
-    }
-  }
-  for (; j < cols; ++j) {
-    const uint32_t key = row[j] & Tr::kMagMask;
-    const double v = static_cast<double>(Tr::to_f32(static_cast<typename Tr::Storage>(key)));
-    t[0] += v;
-    k[0] += key >= tau ? v : 0.0;
-  }
-}
-
-#if defined(__AVX512F__)
-// 16 magnitudes per step: widen to two 8-lane double accumulators, and add the kept ones
-// under the compare mask. GCC does not vectorise the scalar form (mixed 32/64-bit lanes).
-template <class Tr>
-int64_t row_abs_sums_avx512(const typename Tr::Storage* row, int64_t cols, uint32_t tau, double* t, double* k) {
-  const __m512i mag = _mm512_set1_epi32(int(Tr::kMagMask));
-  const __m512i tauv = _mm512_set1_epi32(int(tau));
-  __m512d t0 = _mm512_setzero_pd(), t1 = _mm512_setzero_pd(), k0 = _mm512_setzero_pd(), k1 = _mm512_setzero_pd();
-  int64_t j = 0;
-  for (; j + 16 <= cols; j += 16) {
-    __m512i key;
-    __m512 v;
-    if constexpr (sizeof(typename Tr::Storage) == 4) {
-      key = _mm512_and_si512(_mm512_loadu_si512(reinterpret_cast<const void*>(row + j)), mag);
-      v = _mm512_castsi512_ps(key);
-    } else {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
-      key = _mm512_and_si512(_mm512_cvtepu16_epi32(raw), mag);
-      if constexpr (Tr::kNonFinite == 0x7c00u) {  // fp16: exact hardware widening
-        v = _mm512_cvtph_ps(_mm256_and_si256(raw, _mm256_set1_epi16(0x7fff)));
-      } else {  // bf16: the upper half of a float
-        v = _mm512_castsi512_ps(_mm512_slli_epi32(key, 16));
-      }
-    }
-    const __mmask16 keep = _mm512_cmpge_epu32_mask(key, tauv);
-    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-    const __m512d hi = _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v), 1)));
-    t0 = _mm512_add_pd(t0, lo);
-    t1 = _mm512_add_pd(t1, hi);
-    k0 = _mm512_mask_add_pd(k0, __mmask8(keep), k0, lo);
-    k1 = _mm512_mask_add_pd(k1, __mmask8(keep >> 8), k1, hi);
-  }
-  alignas(64) double buf[8];
-  _mm512_store_pd(buf, _mm512_add_pd(t0, t1));
-  for (int l = 0; l < 8; ++l) t[l] += buf[l];
-  _mm512_store_pd(buf, _mm512_add_pd(k0, k1));
-  for (int l = 0; l < 8; ++l) k[l] += buf[l];
-  return j;
-}
-#endif
-
-template <class Tr>
-void row_abs_sums(const typename Tr::Storage* a, int64_t rows, int64_t cols, uint32_t tau, double* total,
-                  double* kept) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const typename Tr::Storage* row = a + r * cols;
-    double t[8] = {}, k[8] = {};
-    int64_t j = 0;
-#if defined(__AVX512F__)
-    j = row_abs_sums_avx512<Tr>(row, cols, tau, t, k);
-#endif
-    row_abs_sums_scalar<Tr>(row, j, cols, tau, t, k);
-    double ts = 0.0, ks = 0.0;
-    for (int l = 0; l < 8; ++l) {
-      ts += t[l];
-      ks += k[l];
-    }
-    total[r] = ts;
-    kept[r] = ks;
-  }
 }
 
 }  // namespace robustmerge

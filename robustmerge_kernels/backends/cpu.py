@@ -7,6 +7,11 @@ thresholds by radix selection, row-sum scales and the fused normalised sum, thre
 over (adapter, module) work items; results do not depend on the thread count.
 
 float64 inputs are not a kernel type: such modules go to the reference implementation.
+
+SIMD: one build carries AVX-512, AVX2 and portable code paths and uses the best this CPU
+supports; $ROBUSTMERGE_SIMD (avx512, avx2, portable, auto) forces one, and a forced path
+the CPU lacks makes the backend unavailable with that reason. Results are bit-identical
+on every path. :func:`simd_path` says which one runs.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from .base import BackendUnavailable, KernelBackend, load_extension
 from .tables import KERNEL_DTYPES, build_tables, key_to_value, raise_kernel_status, unpack_details
 
 ENV_THREADS = "ROBUSTMERGE_NUM_THREADS"
+ENV_SIMD = "ROBUSTMERGE_SIMD"
 
 _threads: int | None = None
 
@@ -45,7 +51,16 @@ def get_num_threads() -> int:
 
 
 def _load_extension():
-    return load_extension("_cpu", "run `pip install -e .`")
+    ext = load_extension("_cpu", "run `pip install -e .`")
+    if not hasattr(ext, "set_simd_path"):
+        raise BackendUnavailable("the C++ extension is stale (no SIMD dispatch); rebuild with `pip install -e .`")
+    forced = os.environ.get(ENV_SIMD, "").strip().lower()
+    if forced:
+        try:
+            ext.set_simd_path(forced)
+        except ValueError as exc:
+            raise BackendUnavailable(f"${ENV_SIMD}={forced}: {exc}") from None
+    return ext
 
 
 def extension_available() -> bool:
@@ -54,6 +69,18 @@ def extension_available() -> bool:
     except BackendUnavailable:
         return False
     return True
+
+
+def simd_path() -> str:
+    """The SIMD path the CPU kernels use here ("avx512", "avx2" or "portable"), after $ROBUSTMERGE_SIMD."""
+    return _load_extension().simd_path()
+
+
+def simd_summary() -> str:
+    """e.g. ``simd avx2 (compiled: avx512 [no cpu support], avx2, portable)``, for ``robustmerge backends``."""
+    ext = _load_extension()
+    paths = ", ".join(name if ok else f"{name} [no cpu support]" for name, ok in ext.simd_paths().items())
+    return f"simd {ext.simd_path()} (compiled: {paths})"
 
 
 class CpuBackend(KernelBackend):
