@@ -1,6 +1,6 @@
 """pytest-benchmark harness for robustmerge_kernels (see benchmarks/README.md).
 
-Cases are (shape, T adapters, dtype[, layers]) from SPEC section 6, built with
+Cases are (shape, T adapters, dtype[, layers]) from docs/ALGORITHM.md §6, built with
 :mod:`robustmerge_kernels.demo.synthetic`. For each case the same session measures, in order:
 
 * ``copy``        - every input tensor copied into a preallocated tensor (``dst.copy_(src)``,
@@ -72,7 +72,7 @@ QUICK_CASES = (
     BenchCase("llava-7b", 8, "bf16", layers=2),
 )
 
-# SPEC section 6. llava-7b T=32 fp32 is 5.1 GB of input (plus 5.1 GB of copy outputs while
+# docs/ALGORITHM.md §6. llava-7b T=32 fp32 is 5.1 GB of input (plus 5.1 GB of copy outputs while
 # the copy rows run), so the big cases run 2-3 rounds after one warm-up.
 FULL_CASES = (
     BenchCase("clip-vit-b32", 8, "fp32"),
@@ -109,7 +109,7 @@ def pytest_addoption(parser):
     group = parser.getgroup("robustmerge benchmarks")
     group.addoption(
         "--bench-full", action="store_true", default=None,
-        help="run the full SPEC section 6 case set (env RM_BENCH_FULL=1); default is the quick set",
+        help="run the full docs/ALGORITHM.md §6 case set (env RM_BENCH_FULL=1); default is the quick set",
     )  # fmt: skip
     group.addoption(
         "--bench-cases", default=None, metavar="SPEC[,SPEC...]",

@@ -7,7 +7,7 @@ One command on a machine with a CUDA GPU:
     python benchmarks/gpu_bench.py --cases llava-7b:8:bf16,clip-vit-b32:8:fp32 --rounds 10
     python benchmarks/gpu_bench.py --out benchmarks/results/gpu-h100.csv
 
-For each case (shape:T:dtype[:layers], SPEC section 6 shapes, rank 16) synthetic adapters
+For each case (shape:T:dtype[:layers], docs/ALGORITHM.md §6 shapes, rank 16) synthetic adapters
 are made directly on the GPU with the distributions of robustmerge_kernels.demo.synthetic
 (A uniform at Kaiming-uniform scale, B Gaussian std 0.01; the values come from a CUDA
 generator, so they differ from the CPU-generated ones, not their distribution). Each

@@ -1,4 +1,4 @@
-"""SPEC step 5 over adapters on disk: each non-LoRA tensor averaged in chunks of rows.
+"""docs/ALGORITHM.md §3 step 5 over adapters on disk: each non-LoRA tensor averaged in chunks of rows.
 
 A projector or lm_head can be hundreds of megabytes per adapter; loading every adapter's
 copy plus a float64 accumulator made peak memory grow with the number of adapters. Here

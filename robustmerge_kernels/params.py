@@ -1,4 +1,4 @@
-"""RobustMerge hyper-parameters (SPEC section 2), validated once at the API boundary."""
+"""RobustMerge hyper-parameters (docs/ALGORITHM.md §2), validated once at the API boundary."""
 
 from __future__ import annotations
 

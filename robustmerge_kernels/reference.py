@@ -1,4 +1,4 @@
-"""Plain PyTorch RobustMerge, exactly as ../shared/SPEC.md section 3 defines it.
+"""Plain PyTorch RobustMerge, exactly as docs/ALGORITHM.md §3 defines it.
 
 This is the oracle every kernel backend is tested against, so it favours being obviously
 right over being fast: one module at a time, vectorised over the adapters (tasks) that
@@ -97,7 +97,7 @@ def robustmerge_module(
 
 
 def mean_tensors(tensors: Sequence[torch.Tensor], out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """SPEC step 5: element-wise mean of non-LoRA tensors, summed in a fixed order.
+    """docs/ALGORITHM.md §3 step 5: element-wise mean of non-LoRA tensors, summed in a fixed order.
 
     The sum is float64 so that the mean of values near a dtype's maximum cannot overflow.
     """

@@ -1,4 +1,4 @@
-"""An independent, deliberately naive transcription of SPEC section 3 (RobustMerge).
+"""An independent, deliberately naive transcription of docs/ALGORITHM.md §3 (RobustMerge).
 
 Used only by the tests as the oracle for ``robustmerge_kernels.reference``. It imports
 nothing from the package and avoids the reference's building blocks on purpose:
@@ -10,7 +10,7 @@ nothing from the package and avoids the reference's building blocks on purpose:
 
 Converting a float16 / bfloat16 / float32 / float64 value to a Python float is exact, and
 ``abs`` is exact, so thresholds and masks computed on the Python floats are the ones "on
-the values as stored in the input dtype" that the SPEC asks for.
+the values as stored in the input dtype" that docs/ALGORITHM.md §3 (Numerics) asks for.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ def _rows(x: torch.Tensor) -> list[list[float]]:
 
 
 def prune_k(numel: int, density: float) -> int:
-    # SPEC 3.1: k = floor(N * (1 - density)), computed as Python int(...) in float64.
+    # docs/ALGORITHM.md §3 step 1: k = floor(N * (1 - density)), computed as Python int(...) in float64.
     return int(numel * (1 - density))
 
 
 def magnitude_mask(x: torch.Tensor, density: float) -> list[list[bool]]:
-    """SPEC 3.1 for one matrix: keep |x| >= tau, tau = k-th smallest |x| (1-based)."""
+    """docs/ALGORITHM.md §3 step 1 for one matrix: keep |x| >= tau, tau = k-th smallest |x| (1-based)."""
     rows = _rows(x)
     n_rows, n_cols = len(rows), len(rows[0])
     k = prune_k(n_rows * n_cols, density)
@@ -46,7 +46,7 @@ def magnitude_mask(x: torch.Tensor, density: float) -> list[list[bool]]:
 
 
 def row_scales(a: torch.Tensor, mask: list[list[bool]], clamp_quantile: float) -> list[float]:
-    """SPEC 3.2 + 3.3 for one task's A [r, n]."""
+    """docs/ALGORITHM.md §3 steps 2-3 for one task's A [r, n]."""
     rows = _rows(a)
     s = []
     for row, mrow in zip(rows, mask):
@@ -76,7 +76,7 @@ def robustmerge(
     b_scale: Sequence[float] | None = None,
     masks_b: Sequence[list[list[bool]]] | None = None,
 ) -> OracleResult:
-    """SPEC section 3 for one module, everything in float64.
+    """docs/ALGORITHM.md §3 for one module, everything in float64.
 
     ``b_scale[t]`` multiplies task t's B *after* its mask has been taken (on the unscaled,
     stored values; pruning is scale-invariant). ``masks_b`` overrides the B masks (used to
@@ -124,7 +124,7 @@ def robustmerge(
 
 
 def mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """SPEC 3.5: element-wise mean (float64)."""
+    """docs/ALGORITHM.md §3 step 5: element-wise mean (float64)."""
     flat = [t.detach().cpu().to(torch.float64).reshape(-1).tolist() for t in tensors]
     out = [math.fsum(vals) / len(vals) for vals in zip(*flat)]
     return torch.tensor(out, dtype=torch.float64).reshape(tensors[0].shape)

@@ -1,5 +1,5 @@
 """Correctness of the plain-PyTorch reference (robustmerge_kernels.reference) against an
-independent float64 transcription of SPEC section 3 (tests/_oracle.py).
+independent float64 transcription of docs/ALGORITHM.md §3 (tests/_oracle.py).
 
 What is checked, for every input:
   * masks of A and B are bit-identical to the oracle's (thresholds are exact values of the
@@ -119,7 +119,7 @@ def test_mixed_input_dtypes():
 
 
 # --------------------------------------------------------------------------------------
-# A worked example, computed by hand from SPEC section 3 (independent of both codes).
+# A worked example, computed by hand from docs/ALGORITHM.md §3 (independent of both codes).
 # --------------------------------------------------------------------------------------
 WORKED_A = [[[1.0, -2.0, 3.0], [0.5, 0.0, -4.0]], [[2.0, 2.0, -1.0], [1.0, 1.0, 1.0]]]
 WORKED_B = [[[1.0, -3.0], [2.0, 0.25]], [[4.0, 1.0], [-1.0, 1.0]]]
@@ -184,7 +184,7 @@ def test_checker_rejects_small_errors(dtype):
 
 
 # --------------------------------------------------------------------------------------
-# "At least as close to float64 as the official code's own arithmetic" (SPEC, Numerics).
+# "At least as close to float64 as the official code's own arithmetic" (docs/ALGORITHM.md §3, Numerics).
 # The official code does the arithmetic with torch ops in the adapters' dtype.
 # --------------------------------------------------------------------------------------
 def official_arithmetic(a_list, b_list, density, cq, lam, mask_a, mask_b):
@@ -216,7 +216,7 @@ def test_at_least_as_accurate_as_input_dtype_arithmetic(dtype):
 # b_scale: the ratio that brings an adapter to the output scaling, folded into B.
 # The reference masks B on its *stored* values and multiplies the kept values by b_scale:
 # magnitude pruning is scale-invariant (|c*x| >= c*tau iff |x| >= tau for c > 0), so this is
-# the SPEC's "fold into B before step 1" without the rounding a scaled copy would introduce.
+# docs/ALGORITHM.md §3 (Scaling: fold into B before step 1) without the rounding a scaled copy would introduce.
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_b_scale_is_applied_after_masking_unscaled_b(dtype):

@@ -1,7 +1,7 @@
 // RobustMerge over a whole merge plan on the CPU. The plan arrives as two int64 tables
 // built by the Python layer (tables.h), so one call covers every module of every adapter
 // with no Python loop per tensor. Per (adapter, module) matrix: exact threshold, and for A
-// the row-sum ratio scales with the per-task clamp (SPEC steps 1-3); per module: the
+// the row-sum ratio scales with the per-task clamp (docs/ALGORITHM.md §3 steps 1-3); per module: the
 // normalised fusion across adapters (step 4). The per-element work runs through the SIMD
 // path chosen at run time (dispatch.h); this file is the schedule.
 #pragma once
@@ -119,7 +119,7 @@ class CpuMerge {
     if (finite) store(m, true, acc.data(), 0, nb);
   }
 
-  // SPEC steps 1-3 for A of item i: threshold, row-sum ratios, per-task clamp. With acc,
+  // docs/ALGORITHM.md §3 steps 1-3 for A of item i: threshold, row-sum ratios, per-task clamp. With acc,
   // the same pass over A (in cache after the selection) also adds the masked A to acc.
   bool select_a(int64_t i, float* acc) {
     thread_local std::vector<uint32_t> candidates, sample;
@@ -136,7 +136,7 @@ class CpuMerge {
     kept.resize(r);
     k_.a_pass[a_dtype(i)](a_of(i), r, n, th.key, total.data(), kept.data(), acc);
     double* s = scales_.data() + scale_offset_[i];
-    // A row whose kept mass is zero has nothing to compensate: scale 1 (SPEC step 2).
+    // A row whose kept mass is zero has nothing to compensate: scale 1 (docs/ALGORITHM.md §3 step 2).
     for (int64_t row = 0; row < r; ++row) s[row] = kept[row] > 0.0 ? total[row] / kept[row] : 1.0;
     sorted.assign(s, s + r);
     std::sort(sorted.begin(), sorted.end());

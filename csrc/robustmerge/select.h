@@ -1,4 +1,4 @@
-// Exact magnitude top-k threshold (SPEC step 1): tau = the k-th smallest |x| (1-based),
+// Exact magnitude top-k threshold (docs/ALGORITHM.md §3 step 1): tau = the k-th smallest |x| (1-based),
 // exactly torch.kthvalue(|x|.flatten(), k), as a magnitude key.
 //
 // Sampled bracket, so that the pass over the matrix is one vector loop with no per-element

@@ -6,7 +6,7 @@ A key is one of:
   * an unsupported LoRA variant (DoRA magnitude, LoRA bias, ...): refused, because
     averaging it would silently produce a wrong adapter;
   * anything else (``modules_to_save`` copies, a multimodal projector, biases): merged
-    by element-wise mean (SPEC section 5).
+    by element-wise mean (docs/ALGORITHM.md §3 step 5).
 
 The adapter name inside a key (``lora_A.default.weight`` in a live model's state dict) is
 dropped: output keys use the saved-adapter form that ``PeftModel.from_pretrained`` reads.

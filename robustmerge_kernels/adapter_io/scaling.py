@@ -3,7 +3,7 @@
 ``scaling = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA), where ``r`` and
 ``lora_alpha`` may be overridden per module by ``rank_pattern`` / ``alpha_pattern``.
 Adapters whose scaling differs from the output's are brought to it by folding the ratio
-into B (SPEC section 3), so the merged adapter's delta is right under the output config.
+into B (docs/ALGORITHM.md §3), so the merged adapter's delta is right under the output config.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Synthetic LoRA adapters in the shapes of ../shared/SPEC.md section 6, for benchmarks.
+"""Synthetic LoRA adapters in the shapes of docs/ALGORITHM.md §6, for benchmarks.
 
 The shapes are data (:data:`SHAPES`); :func:`synthetic_adapters` makes ``T`` adapters of
 one shape as ``(state_dict, config_dict)`` pairs, which :func:`robustmerge_kernels.merge`
@@ -66,7 +66,7 @@ class ModelShape:
     intermediate: int
     modules: tuple[ModuleShape, ...]
     layer_prefix: str  # module key prefix; "{i}" is the layer index
-    spec_params_r16: float  # "params per r16 adapter" as SPEC section 6 states it, in millions
+    spec_params_r16: float  # "params per r16 adapter" as docs/ALGORITHM.md §6 states it, in millions
 
     @property
     def target_modules(self) -> list[str]:
@@ -103,14 +103,14 @@ def _clip(name: str, layers: int, hidden: int, intermediate: int, spec_m: float)
                         ("q_proj", "k_proj", "v_proj", "out_proj"), ("fc1",), "fc2")  # fmt: skip
 
 
-#: SPEC section 6. ``spec_params_r16`` is the table's figure, kept to check it against.
+#: docs/ALGORITHM.md §6. ``spec_params_r16`` is the table's figure, kept to check it against.
 SHAPES: dict[str, ModelShape] = {
     s.name: s
     for s in (
         _llama("llava-7b", 32, 4096, 11008, 40.0),
         _llama("llava-13b", 40, 5120, 13824, 62.6),
         # NB: q,k,v,out_proj,fc1,fc2 on 12 layers of 768/3072 at r=16 is 2.65 M parameters;
-        # the SPEC table says 2.4 M. The shape follows the module list, not the total.
+        # the original table (docs/ALGORITHM.md §6) says 2.4 M. The shape follows the module list, not the total.
         _clip("clip-vit-b32", 12, 768, 3072, 2.4),
     )
 }
@@ -235,7 +235,7 @@ def synthetic_adapters(
 
 
 def describe(shapes: Sequence[str] | None = None, rank: int = 16) -> str:
-    """A table of the shapes with their parameter counts (what SPEC section 6 lists)."""
+    """A table of the shapes with their parameter counts (what docs/ALGORITHM.md §6 lists)."""
     lines = [f"{'name':<14} {'layers':>6} {'hidden':>6} {'inter':>6} {'modules':>8} {'params':>9} {'SPEC':>6}"]
     for name in shapes or SHAPES:
         s = get_shape(name)

@@ -1,4 +1,4 @@
-"""Baseline merge methods (SPEC section 4) behind the same ``merge()`` call as RobustMerge.
+"""Baseline merge methods (docs/ALGORITHM.md §4) behind the same ``merge()`` call as RobustMerge.
 
 One line each; ``s_t`` is adapter t's own LoRA scaling (alpha/r or alpha/sqrt(r), per
 module), ``w_t`` its weight (``weights``, default 1.0 each), ``a_t = sgn(w_t s_t) sqrt|w_t s_t|``,

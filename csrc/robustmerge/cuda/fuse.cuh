@@ -1,4 +1,4 @@
-// SPEC steps 2-4 on the GPU, after select.cuh has the thresholds:
+// docs/ALGORITHM.md §3 steps 2-4 on the GPU, after select.cuh has the thresholds:
 //
 //   fuse_a_kernel   one block per A* tile (a segment of <= kTile elements of one row of A*):
 //                   A* = lam * sum_t [|A_t| >= tau_t] A_t, adapters in plan order, and in
@@ -26,7 +26,7 @@
 namespace robustmerge {
 namespace cuda {
 
-// out[j + e] = lam * acc[e] for e < n_valid in the output dtype (fuse.h store_scaled);
+// out[j + e] = lam * acc[e] for e < n_valid in the output dtype (the CPU's simd_kernels.h stores);
 // true when a stored value is inf. 16-byte vector stores where aligned.
 __device__ __forceinline__ bool is_inf_bits(int64_t od, uint32_t bits) {
   if (od == kBF16) return (bits & 0x7f80u) == 0x7f80u;
@@ -80,7 +80,7 @@ __device__ __forceinline__ Raw8 load8_any(int32_t dtype, const void* base, int64
   }
 }
 
-// acc[e] += [key >= tau] x (fuse.h accumulate_masked), plus this thread's sums of |x| and
+// acc[e] += [key >= tau] x (as the CPU's simd_kernels.h), plus this thread's sums of |x| and
 // of kept |x| in double, elements in order.
 template <class Tr>
 __device__ __forceinline__ void add_a(const Raw8& raw, int n_valid, uint32_t tau, float* acc, double& total,
@@ -100,7 +100,7 @@ __device__ __forceinline__ void add_a(const Raw8& raw, int n_valid, uint32_t tau
   }
 }
 
-// acc[e] += ([key >= tau] x * b_scale) * w[col]  (fuse.h accumulate_masked_weighted)
+// acc[e] += ([key >= tau] x * b_scale) * w[col]  (as the CPU's simd_kernels.h)
 template <class Tr>
 __device__ __forceinline__ void add_b(const Raw8& raw, int n_valid, uint32_t tau, float bs, const float* w,
                                       int32_t col, int32_t r, float* acc) {

@@ -6,9 +6,9 @@
 // fusion tiles. Four grouped launches cover every module of every adapter:
 //
 //   1. select_kernel (select.cuh), one block per (item, matrix): the exact thresholds
-//      and the inf/NaN check (SPEC step 1);
+//      and the inf/NaN check (docs/ALGORITHM.md §3 step 1);
 //   2. fuse_a_kernel (fuse.cuh), one block per A* row segment: A* and the row sums of
-//      |A| and kept |A| (SPEC steps 2 and 4 for A);
+//      |A| and kept |A| (docs/ALGORITHM.md §3 steps 2 and 4 for A);
 //   3. weights_kernel, one block per module: A-row scales, clamp, fusion weights (step 3);
 //   4. fuse_b_kernel, one block per B* tile: B* (step 4 for B).
 //

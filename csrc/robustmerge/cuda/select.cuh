@@ -1,4 +1,4 @@
-// SPEC step 1 on the GPU: the exact magnitude threshold of every matrix of the plan, one
+// docs/ALGORITHM.md §3 step 1 on the GPU: the exact magnitude threshold of every matrix of the plan, one
 // block per (item, matrix) (grid = 2 * n_items, block kSelectThreads).
 //
 // tau = the k-th smallest magnitude key, by radix selection with 11-bit digits and a

@@ -1,10 +1,10 @@
-"""Cross-task normalised fusion (SPEC step 4), every module of a plan in one launch per
+"""Cross-task normalised fusion (docs/ALGORITHM.md §3 step 4), every module of a plan in one launch per
 factor, in plan order:
 
     A*[j]    = lam * sum_t [key(A_t[j]) >= tau_t] A_t[j]
     B*[i, c] = lam * sum_t w_t[c] * [key(B_t[i, c]) >= tau_t] (b_scale_t * B_t[i, c])
 
-accumulating in float32 exactly like csrc/robustmerge/fuse.h, then stores in the output
+accumulating in float32 exactly like csrc/robustmerge/simd_kernels.h, then stores in the output
 dtype (round to nearest even) and flags a module whose stored values overflowed to inf
 (1: A*, 2: B*).
 

@@ -1,4 +1,4 @@
-"""A-row scales (SPEC steps 2-3) and the fusion weights, from the row-sum partials the A
+"""A-row scales (docs/ALGORITHM.md §3 steps 2-3) and the fusion weights, from the row-sum partials the A
 fusion writes (fuse.py, FACTOR 0).
 
 ``weights_kernel`` (one program per module): per task the raw scales s = total / kept over
@@ -36,7 +36,7 @@ def weights_kernel(modules, scale_offset, part_offset, partials, raw_scales, sca
         for chunk in range(chunks):
             row_total += tl.load(partials + at + 2 * chunk, mask=inside, other=0.0)
             row_kept += tl.load(partials + at + 2 * chunk + 1, mask=inside, other=0.0)
-        # A row whose kept mass is zero has nothing to compensate: scale 1 (SPEC step 2).
+        # A row whose kept mass is zero has nothing to compensate: scale 1 (docs/ALGORITHM.md §3 step 2).
         s = tl.where(row_kept > 0.0, row_total / tl.where(row_kept > 0.0, row_kept, 1.0), 1.0)
         tl.store(raw_scales + offset + c, s, mask=inside)
     tl.debug_barrier()  # this program's raw scales are read back below by other threads

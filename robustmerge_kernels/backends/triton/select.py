@@ -1,4 +1,4 @@
-"""Exact magnitude thresholds (SPEC step 1) by histogram radix select, every matrix of a
+"""Exact magnitude thresholds (docs/ALGORITHM.md §3 step 1) by histogram radix select, every matrix of a
 plan in one launch per pass.
 
 The threshold of a matrix X with N values is tau = the k-th smallest magnitude key
