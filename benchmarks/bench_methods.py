@@ -122,7 +122,7 @@ def main(argv=None):
             if method not in args.ours_dense_svd:
                 continue
             ours = _scaled(
-                lambda a, b, p: rk.merge(_rep_adapters(adapters, [(p, a, b, 1)]), method=method, weights=weights),
+                lambda a, b, p: rk.merge(_rep_adapters(adapters, [(p, a, b, 1)]), method=method, weights=weights),  # noqa: B023
                 reps, shape.layers,
             )  # fmt: skip
             note = "ours: 3 modules timed, scaled"
@@ -133,12 +133,14 @@ def main(argv=None):
         peft = None
         if method in FAST_PEFT:
             t0 = time.perf_counter()
-            for prefix, As, Bs in _modules(adapters):
+            for _prefix, As, Bs in _modules(adapters):
                 peft_module(method, _Layer(As, Bs, scaling), weights, args.rank)
             peft = time.perf_counter() - t0
         elif method in SVD_METHODS and method in args.peft_svd:
             peft = _scaled(
-                lambda a, b, p: peft_module(method, _Layer(a, b, scaling), weights, args.rank), reps, shape.layers
+                lambda a, b, p: peft_module(method, _Layer(a, b, scaling), weights, args.rank),  # noqa: B023
+                reps,
+                shape.layers,
             )
             note = (note + "; " if note else "") + "PEFT: 3 modules timed, scaled"
         rows.append((method, ours, peft, note))

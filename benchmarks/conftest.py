@@ -77,11 +77,7 @@ QUICK_CASES = (
 FULL_CASES = (
     BenchCase("clip-vit-b32", 8, "fp32"),
     BenchCase("clip-vit-b32", 8, "bf16"),
-    *(
-        BenchCase("llava-7b", T, dt, min_rounds=2, max_rounds=3)
-        for T in (2, 8, 32)
-        for dt in ("fp32", "bf16")
-    ),
+    *(BenchCase("llava-7b", T, dt, min_rounds=2, max_rounds=3) for T in (2, 8, 32) for dt in ("fp32", "bf16")),
 )
 
 
@@ -369,7 +365,7 @@ def _provenance() -> tuple[str, str, str]:
         commit = f"{commit}{'+dirty' if dirty else ''}" or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    return device, commit, _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    return device, commit, _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
 # A wrapper, outermost: pytest-benchmark saves its JSON in a (plain) hook wrapper, so the

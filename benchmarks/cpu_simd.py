@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import robustmerge_kernels  # noqa: E402
 from robustmerge_kernels import _cpu  # noqa: E402
-from robustmerge_kernels.demo import synthetic  # noqa: E402
 from robustmerge_kernels.backends.cpu import get_num_threads  # noqa: E402
+from robustmerge_kernels.demo import synthetic  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COLUMNS = ("case", "row", "simd", "median_s", "min_s", "ratio_to_copy_flat", "kernel_s", "kernel_ratio_to_copy_flat",
@@ -147,8 +147,10 @@ def main() -> None:
     cpu, level = cpu_description()
     date = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
     print(f"{cpu}, SIMD level {level}, {get_num_threads()} threads")
-    print(f"{'case':<22} {'row':<14} {'median':>9} {'x copy':>7} {'kernel':>9} {'x copy':>7} {'cpu x copy':>10} "
-          f"{'GB/s':>6}")
+    print(
+        f"{'case':<22} {'row':<14} {'median':>9} {'x copy':>7} {'kernel':>9} {'x copy':>7} {'cpu x copy':>10} "
+        f"{'GB/s':>6}"
+    )
     all_rows = []
     for spec in args.cases:
         for row in run_case(spec, args.rounds, paths):

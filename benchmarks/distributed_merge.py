@@ -54,12 +54,20 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             with open(os.path.join(out, "adapter_model.safetensors"), "rb") as f:
                 outputs[n] = f.read()
-            print(json.dumps({
-                "case": f"{args.shape} T={args.T} {args.dtype} layers={args.layers or 'all'}", "ranks": n,
-                "seconds": round(seconds, 2), "input_gb": round(nbytes / 1e9, 3), "gb_per_s": round(nbytes / 1e9 / seconds, 2),
-                "vs_read": round(seconds / read_s, 1), "identical_to_first": outputs[n] == next(iter(outputs.values())),
-                "note": "wall time includes starting torch in each rank",
-            }))
+            print(
+                json.dumps(
+                    {
+                        "case": f"{args.shape} T={args.T} {args.dtype} layers={args.layers or 'all'}",
+                        "ranks": n,
+                        "seconds": round(seconds, 2),
+                        "input_gb": round(nbytes / 1e9, 3),
+                        "gb_per_s": round(nbytes / 1e9 / seconds, 2),
+                        "vs_read": round(seconds / read_s, 1),
+                        "identical_to_first": outputs[n] == next(iter(outputs.values())),
+                        "note": "wall time includes starting torch in each rank",
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

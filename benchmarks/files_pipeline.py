@@ -21,6 +21,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 
@@ -28,24 +29,15 @@ import torch
 
 import robustmerge_kernels as rk
 from robustmerge_kernels.adapter_io.sources import open_adapter
-from robustmerge_kernels.demo import synthetic
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peak_memory import _write_folders as _write_folders_layers  # noqa: E402  (shape, T, dtype, layers, root)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _write_folders(shape: str, T: int, dtype: str, root: str) -> None:
     _write_folders_layers(shape, T, dtype, None, root)
-
-
-def _write_folders_layers(shape: str, T: int, dtype: str, layers: int | None, root: str) -> None:
-    from safetensors.torch import save_file
-
-    for i, (sd, config) in enumerate(synthetic.synthetic_adapters(shape, T, dtype=DTYPES[dtype], layers=layers)):
-        folder = os.path.join(root, f"a{i:04d}")
-        os.makedirs(folder)
-        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "adapter_model.safetensors"))
-        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-            json.dump(config, f)
 
 
 def _read_all(folders: list[str]) -> None:
@@ -70,7 +62,9 @@ def main() -> None:
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="rm-files-bench-") as root:
-        child = multiprocessing.get_context("spawn").Process(target=_write_folders, args=(args.shape, args.T, args.dtype, root))
+        child = multiprocessing.get_context("spawn").Process(
+            target=_write_folders, args=(args.shape, args.T, args.dtype, root)
+        )
         child.start()
         child.join()
         folders = sorted(os.path.join(root, d) for d in os.listdir(root))
@@ -109,13 +103,21 @@ def main() -> None:
                 cpu[name].append(_cpu_seconds() - c0)
         med = {k: statistics.median(v) for k, v in wall.items()}
         for name in variants:
-            print(json.dumps({
-                "case": f"{args.shape} T={args.T} {args.dtype}", "variant": name, "seconds": round(med[name], 3),
-                "cpu_seconds": round(statistics.median(cpu[name]), 3),
-                "vs_memory": round(med[name] / med["memory"], 2), "vs_read": round(med[name] / med["read"], 2),
-                "reps": args.reps, "cpu": platform.processor() or platform.machine(),
-                "threads": os.environ.get("ROBUSTMERGE_NUM_THREADS", str(torch.get_num_threads())),
-            }))
+            print(
+                json.dumps(
+                    {
+                        "case": f"{args.shape} T={args.T} {args.dtype}",
+                        "variant": name,
+                        "seconds": round(med[name], 3),
+                        "cpu_seconds": round(statistics.median(cpu[name]), 3),
+                        "vs_memory": round(med[name] / med["memory"], 2),
+                        "vs_read": round(med[name] / med["read"], 2),
+                        "reps": args.reps,
+                        "cpu": platform.processor() or platform.machine(),
+                        "threads": os.environ.get("ROBUSTMERGE_NUM_THREADS", str(torch.get_num_threads())),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

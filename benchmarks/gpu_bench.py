@@ -116,7 +116,7 @@ def provenance() -> tuple[str, str]:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
-    return commit, _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    return commit, _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
 def make_adapters(case: Case, device, seed: int):
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
                 print(f"  {case.id} {name}: skipped ({exc})")
                 continue
             out_dtype = getattr(torch, DTYPES[case.dtype])  # as the kernel-only groups below, and the recorded results
-            times, merged = timer(lambda: rk.merge(adapters, backend=name, dtype=out_dtype), args.rounds, args.warmup)
+            times, merged = timer(lambda: rk.merge(adapters, backend=name, dtype=out_dtype), args.rounds, args.warmup)  # noqa: B023
             diff = ""
             if name == "reference":
                 reference_out = merged

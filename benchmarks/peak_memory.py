@@ -21,8 +21,8 @@ import tempfile
 import torch
 
 import robustmerge_kernels as rk
-from robustmerge_kernels.demo import synthetic
 from robustmerge_kernels.backends import cpu as cpu_backend
+from robustmerge_kernels.demo import synthetic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,7 +54,10 @@ def main() -> None:
     p.add_argument("--group-mb", type=int, default=None, help="input MB per backend call (default: the library's)")
     args = p.parse_args()
 
-    module_bytes = max(args.T * 16 * (n + m) * DTYPES[args.dtype].itemsize for _, n, m in synthetic.module_list(args.shape, args.layers))
+    module_bytes = max(
+        args.T * 16 * (n + m) * DTYPES[args.dtype].itemsize
+        for _, n, m in synthetic.module_list(args.shape, args.layers)
+    )
     tmp = None
     if args.from_disk:
         # Write the folders from a child process: freed tensors would otherwise stay in

@@ -11,18 +11,17 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from . import methods as _methods
-from .adapter_io.model_config import ModelConfig, choose_model_config, write_model_config
-from .adapter_io.names import MODEL_CONFIG_NAME
-from .adapter_io.record import InputHashes, build_record
 from .adapter_io import hub
-from .adapter_io.sources import AdapterSource, is_peft_model, open_adapter, open_peft_adapter, warn_repeated_folders
-from .adapter_io.names import SAFETENSORS_NAME
+from .adapter_io.model_config import ModelConfig, choose_model_config, write_model_config
+from .adapter_io.names import MODEL_CONFIG_NAME, SAFETENSORS_NAME
+from .adapter_io.record import InputHashes, build_record
 from .adapter_io.safetensors_io import SafetensorsStream
+from .adapter_io.sources import AdapterSource, is_peft_model, open_adapter, open_peft_adapter, warn_repeated_folders
 from .adapter_io.writer import StagedAdapter, check_destination, finish_adapter
 from .dtypes import parse_dtype
 from .errors import AdapterError
@@ -79,7 +78,9 @@ class MergeReport:
         if self.partial_modules:
             line += f", {len(self.partial_modules)} modules missing from some adapters"
         if self.model_config.get("differs"):
-            line += f", config.json from {self.model_config['from']} (differs in {', '.join(self.model_config['differs'])})"
+            line += (
+                f", config.json from {self.model_config['from']} (differs in {', '.join(self.model_config['differs'])})"
+            )
         if self.output_dtypes.get("lora_factors"):
             line += f", written as {self.output_dtypes['lora_factors']}"
         return line
@@ -92,7 +93,7 @@ def _count(n: int) -> str:
     return str(n)
 
 
-Run = Union[RobustMergeRun, BaselineRun]
+Run = RobustMergeRun | BaselineRun
 
 
 class MergedAdapter(dict):
@@ -231,12 +232,16 @@ def merge(
         plan = build_plan(sources, out_dtype)
         model_config = choose_model_config(sources)
         if out is not None and plan.out_config is None:
-            raise AdapterError("cannot write a PEFT folder: no adapter came with a LoRA config; pass (state_dict, config)")
+            raise AdapterError(
+                "cannot write a PEFT folder: no adapter came with a LoRA config; pass (state_dict, config)"
+            )
         device = merge_device(sources, plan) if ranks is None else ranks.device
         run: Run
         if ranks is not None:
             share = _dist.share_of(plan, ranks)
-            run = RobustMergeRun(plan, sources, params, backend, device, progress, group_bytes, (share.modules, share.means))
+            run = RobustMergeRun(
+                plan, sources, params, backend, device, progress, group_bytes, (share.modules, share.means)
+            )
             merged = _write_distributed(run, method, out, overwrite, keep_in_memory, ranks, share, model_config)
         else:
             if isinstance(params, RobustMergeParams):

@@ -136,16 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--clamp-quantile", type=float, default=0.8, help="lower clamp of A-row scales (default 0.8)")
     m.add_argument("--lam", type=float, default=2.0, help="fusion weight on merged A and B (default 2.0)")
     m.add_argument("--backend", default="auto", help="auto (default; $ROBUSTMERGE_BACKEND overrides), reference")
-    m.add_argument("--dtype", default=None, help="output dtype of every tensor: fp32, fp16, bf16 (default: "
-                   "LoRA factors of fp16/bf16 inputs in fp32, as the official RobustMerge code; fp32/fp64 inputs "
-                   "and averaged non-LoRA tensors keep their dtype)")
+    m.add_argument(
+        "--dtype",
+        default=None,
+        help="output dtype of every tensor: fp32, fp16, bf16 (default: "
+        "LoRA factors of fp16/bf16 inputs in fp32, as the official RobustMerge code; fp32/fp64 inputs "
+        "and averaged non-LoRA tensors keep their dtype)",
+    )
     m.add_argument("--overwrite", action="store_true", help="replace an existing output adapter folder")
     m.add_argument("--force", action="store_true", help="with --overwrite: replace the output folder even if it "
                    "is not an adapter (no adapter_config.json)")  # fmt: skip
     m.add_argument("--max-shard-size", default=None, help="split weights into indexed shards above this (e.g. 5GB); "
                    "peft 0.21 loads only unsharded adapters, so the default is one file")  # fmt: skip
     # baseline methods: options named as in PEFT's add_weighted_adapter
-    m.add_argument("--weights", type=float, nargs="+", default=None, help="baselines: one weight per adapter (default 1.0)")
+    m.add_argument(
+        "--weights", type=float, nargs="+", default=None, help="baselines: one weight per adapter (default 1.0)"
+    )
     m.add_argument("--majority-sign-method", default="total", choices=("total", "frequency"), help="ties, dare_ties")
     m.add_argument("--svd-rank", type=int, default=None, help="svd family: output rank (default: largest input rank)")
     m.add_argument("--svd-clamp", type=float, default=None, help="svd family: clamp factors at this quantile")

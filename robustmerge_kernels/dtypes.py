@@ -20,7 +20,9 @@ def parse_dtype(dtype: str | torch.dtype | None, what: str = "output dtype") -> 
         return None
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPE_NAMES.values():
-            raise AdapterError(f"{what} {dtype} is not a floating-point type this library writes; use fp32, fp16 or bf16")
+            raise AdapterError(
+                f"{what} {dtype} is not a floating-point type this library writes; use fp32, fp16 or bf16"
+            )
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in DTYPE_NAMES:

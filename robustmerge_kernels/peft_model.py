@@ -52,7 +52,9 @@ def add_merged_adapter(
     result = set_peft_model_state_dict(model, dict(merged), adapter_name=new_name)
     missing = [k for k in getattr(result, "missing_keys", []) if f".{new_name}." in k and "lora_" in k]
     if missing:
-        raise AdapterError(f"the merged adapter left {len(missing)} LoRA tensors of {new_name!r} unset, e.g. {missing[0]}")
+        raise AdapterError(
+            f"the merged adapter left {len(missing)} LoRA tensors of {new_name!r} unset, e.g. {missing[0]}"
+        )
     return merged
 
 

@@ -120,7 +120,11 @@ class Emitter:
 
 
 def emit_means(
-    emit: Emitter, plan: MergePlan, sources: list[AdapterSource], device: torch.device, means: list[MeanPlan] | None = None
+    emit: Emitter,
+    plan: MergePlan,
+    sources: list[AdapterSource],
+    device: torch.device,
+    means: list[MeanPlan] | None = None,
 ) -> None:
     """§3 step 5: each non-LoRA tensor (of ``means``, default all), averaged over the
     adapters that carry it."""

@@ -18,15 +18,22 @@ from typing import Any
 
 import torch
 
-from .dtypes import default_factor_dtype, dtype_name
-from .errors import AdapterError
 from .adapter_io.keys import (
-    ORIGINAL_LAYOUT, ORIGINAL_PROJECTOR, PEFT_PREFIX, FactorKey, canonical_name, layout_of, output_name, parse_factor,
+    ORIGINAL_LAYOUT,
+    ORIGINAL_PROJECTOR,
+    PEFT_PREFIX,
+    FactorKey,
+    canonical_name,
+    layout_of,
+    output_name,
+    parse_factor,
     unsupported_lora_part,
 )  # fmt: skip
 from .adapter_io.names import NON_LORA_NAME
 from .adapter_io.scaling import ScalingRule, check_config
 from .adapter_io.sources import AdapterSource
+from .dtypes import default_factor_dtype, dtype_name
+from .errors import AdapterError
 
 MERGEABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -144,8 +151,7 @@ def _output_config(sources: list[AdapterSource]) -> dict[str, Any] | None:
     if len(with_config) != len(sources):
         missing = next(s for s in sources if s.config is None)
         raise AdapterError(
-            "has no LoRA config while other adapters do, so its scaling is unknown; "
-            "pass a (state_dict, config) pair",
+            "has no LoRA config while other adapters do, so its scaling is unknown; pass a (state_dict, config) pair",
             missing.label,
         )
     for s in sources:
@@ -179,7 +185,9 @@ def build_plan(sources: list[AdapterSource], dtype: torch.dtype | None = None) -
             for factor, other in (("A", "B"), ("B", "A")):
                 if factor in slot and other not in slot:
                     raise AdapterError(
-                        f"lora_{factor} of module {module!r} has no matching lora_{other}", sources[t].label, slot[factor][0]
+                        f"lora_{factor} of module {module!r} has no matching lora_{other}",
+                        sources[t].label,
+                        slot[factor][0],
                     )
             module_members.setdefault(module, []).append(t)
 

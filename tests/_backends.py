@@ -13,10 +13,9 @@ import os
 import shutil
 from dataclasses import dataclass
 
+import _oracle
 import pytest
 import torch
-
-import _oracle
 from _cases import assert_close_to_exact, data_scale, kernel_masks, module_inputs, random_module
 
 from robustmerge_kernels.backends.cpu import CpuBackend
@@ -41,9 +40,9 @@ def triton_mode_line() -> str:
     interp = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
     if interp:
         why = "no nvidia-smi on this machine" if shutil.which("nvidia-smi") is None else "TRITON_INTERPRET set"
-        return f"triton kernels: INTERPRETED on the CPU (TRITON_INTERPRET=1, {why}); triton {triton.__version__}"
+        return f"triton kernels: interpreter, INTERPRETED on the CPU (TRITON_INTERPRET=1, {why}); triton {triton.__version__}"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device: triton tests skip"
-    return f"triton kernels: COMPILED (TRITON_INTERPRET unset) on {gpu}; triton {triton.__version__}"
+    return f"triton kernels: compiled (TRITON_INTERPRET unset) on {gpu}; triton {triton.__version__}"
 
 
 @dataclass
@@ -92,7 +91,9 @@ def make_backend(name: str, monkeypatch) -> BackendUnderTest:
             # merge() on CPU tensors picks backends serving "cpu": register triton for it
             # (interpreter only), so the API-level tests run it too.
             entry = backends._REGISTRY["triton"]
-            monkeypatch.setitem(backends._REGISTRY, "triton", backends._Entry(entry.factory, ("cpu", "cuda"), entry.priority))
+            monkeypatch.setitem(
+                backends._REGISTRY, "triton", backends._Entry(entry.factory, ("cpu", "cuda"), entry.priority)
+            )
             return BackendUnderTest("triton", impl, torch.device("cpu"), interpreted=True)
         return BackendUnderTest("triton", impl, torch.device("cuda"))
     if name == "cuda":
@@ -131,7 +132,9 @@ def check_against_reference(backend, a, b, density=0.2, clamp_quantile=0.8, lam=
         cpu = CpuBackend().run([module_inputs(a, b, b_scale, out_dtype)], params, details=True)
         for tc, tg in zip(cpu.tau_a + cpu.tau_b, det.tau_a + det.tau_b):
             assert torch.equal(tc, tg), "threshold differs from the cpu kernel"
-        assert torch.equal(cpu.outputs[0][0].view(torch.uint8), out_a.view(torch.uint8)), "A* differs from the cpu kernel"
+        assert torch.equal(cpu.outputs[0][0].view(torch.uint8), out_a.view(torch.uint8)), (
+            "A* differs from the cpu kernel"
+        )
     return det
 
 

@@ -54,8 +54,9 @@ def data_scale(tensors, lam: float, factors=None) -> float:
     return abs(lam) * max(abs(f) * float(t.double().abs().max()) for t, f in zip(tensors, factors))
 
 
-def assert_close_to_exact(actual: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, scale: float,
-                          lam: float = 1.0, what: str = "") -> None:
+def assert_close_to_exact(
+    actual: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, scale: float, lam: float = 1.0, what: str = ""
+) -> None:
     """``actual`` (in ``dtype``) against the float64 ``exact`` value, with TOLERANCES[dtype]."""
     assert actual.dtype == dtype, (what, actual.dtype, dtype)
     assert tuple(actual.shape) == tuple(exact.shape), (what, actual.shape, exact.shape)
@@ -256,4 +257,3 @@ def property_module(T, r, n, m, dtype, kind, seed):
         a = [x * (torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.3) for x in a]
         b = [x * (torch.rand(x.shape, generator=g, dtype=torch.float64) < 0.3) for x in b]
     return [x.to(dtype) for x in a], [x.to(dtype) for x in b]
-

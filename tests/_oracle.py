@@ -99,19 +99,13 @@ def robustmerge(
     merged_a = [[0.0] * n for _ in range(r)]
     for i in range(r):
         for j in range(n):
-            merged_a[i][j] = lam * math.fsum(
-                a_rows[t][i][j] for t in range(T) if masks_a[t][i][j]
-            )
+            merged_a[i][j] = lam * math.fsum(a_rows[t][i][j] for t in range(T) if masks_a[t][i][j])
 
     merged_b = [[0.0] * r for _ in range(m)]
     for i in range(r):
         denom = math.fsum(scales[t][i] for t in range(T))
         for p in range(m):
-            num = math.fsum(
-                scales[t][i] * (b_scale[t] * b_rows[t][p][i])
-                for t in range(T)
-                if masks_b[t][p][i]
-            )
+            num = math.fsum(scales[t][i] * (b_scale[t] * b_rows[t][p][i]) for t in range(T) if masks_b[t][p][i])
             merged_b[p][i] = lam * num / denom
 
     return OracleResult(

@@ -64,7 +64,9 @@ def pcb_merge(tasks: np.ndarray, ratio: float) -> np.ndarray:
     for t in range(n):
         x = tasks[t]
         mag = np.abs(x)
-        c_mag = _clamp(mag, _at_sorted_position(mag, int(d * 0.0001)), _at_sorted_position(mag, int(d * (1 - 0.0001) - 1)))
+        c_mag = _clamp(
+            mag, _at_sorted_position(mag, int(d * 0.0001)), _at_sorted_position(mag, int(d * (1 - 0.0001) - 1))
+        )
         c = np.sign(x) * c_mag
         z = n * _minmax(c_mag) ** 2
         e = np.exp(z - z.max())

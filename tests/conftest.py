@@ -16,7 +16,6 @@ import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from _backends import BACKENDS, make_backend, triton_interpreted, triton_mode_line  # noqa: E402
 
 from robustmerge_kernels.demo.toy import tiny_llama, train_adapter  # noqa: E402
@@ -29,6 +28,7 @@ INTERPRETER_FAST_DTYPE = torch.float32
 
 
 def pytest_report_header(config):
+    """Say which way the Triton kernels run, so a GPU log shows they were compiled."""
     return triton_mode_line()
 
 
@@ -61,15 +61,6 @@ def backend(request, monkeypatch):
     triton, cuda); skips where it cannot run. A test may parametrize ``backend`` itself,
     indirectly (per-backend shape lists); test_errors.py overrides it with its own."""
     return make_backend(request.param, monkeypatch)
-
-
-def pytest_report_header(config):
-    """Say which way the Triton kernels run, so a GPU log shows they were compiled."""
-    from robustmerge_kernels.backends.triton import interpreter_mode
-
-    if interpreter_mode():
-        return "triton kernels: interpreter (TRITON_INTERPRET=1, CPU tensors)"
-    return "triton kernels: compiled (TRITON_INTERPRET unset or 0, CUDA tensors)"
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 import robustmerge_kernels as rk
 from robustmerge_kernels.demo import max_delta_error
-from robustmerge_kernels.reference import robustmerge_module
 from robustmerge_kernels.demo.toy import tiny_llama, train_adapter
+from robustmerge_kernels.reference import robustmerge_module
 
 
 def test_folders_state_dicts_pairs_and_models_agree(adapter_dirs, trained_models):
@@ -105,7 +105,9 @@ def test_different_scalings_are_folded_into_b(base_model, tmp_path):
         )
         torch.testing.assert_close(merged[f"{module}.lora_B.weight"], res.b)
         loaded = PeftModel.from_pretrained(copy.deepcopy(base_model), str(tmp_path / "m"))
-        torch.testing.assert_close(loaded.get_submodule(module).get_delta_weight("default"), (res.b @ res.a) * out_scaling)
+        torch.testing.assert_close(
+            loaded.get_submodule(module).get_delta_weight("default"), (res.b @ res.a) * out_scaling
+        )
 
 
 def test_modules_missing_from_some_adapters_merge_over_those_that_have_them():
@@ -229,9 +231,9 @@ def test_plan_pairs_every_module_and_counts_its_bytes(adapter_dirs):
     assert len(plan.modules) == 14  # 2 layers x 7 Llama projections
     down = next(m for m in plan.modules if m.name.endswith("layers.0.mlp.down_proj"))
     assert down.members == (0, 1, 2) and (down.rank, down.in_features, down.out_features) == (4, 128, 64)
-    assert plan.bytes_in() == sum(os.path.getsize(os.path.join(d, "adapter_model.safetensors")) for d in adapter_dirs) - sum(
-        _header_bytes(os.path.join(d, "adapter_model.safetensors")) for d in adapter_dirs
-    )
+    assert plan.bytes_in() == sum(
+        os.path.getsize(os.path.join(d, "adapter_model.safetensors")) for d in adapter_dirs
+    ) - sum(_header_bytes(os.path.join(d, "adapter_model.safetensors")) for d in adapter_dirs)
 
 
 def test_baseline_methods_resolve_no_backend():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import os
 import subprocess
 import sys
@@ -20,24 +19,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ------------------------------------------------------------------ item 8: streamed means
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape", [(), (0, 3), (7,), (5, 3), (9, 2, 3)])
 @pytest.mark.parametrize("chunk", [1, 4, 7, 1 << 20])
 def test_streaming_mean_is_bit_identical(dtype, shape, chunk):
     g = torch.Generator().manual_seed(len(shape) * 31 + chunk)
     xs = [(torch.randn(shape, generator=g, dtype=torch.float64) * 6e4).to(dtype) for _ in range(5)]
-    readers = [(lambda x: lambda a, b: x if a is None else x[a:b])(x) for x in xs]
+    readers = [(lambda x: lambda a, b: x if a is None else x[a:b])(x) for x in xs]  # noqa: B023
     for out_dtype in (dtype, torch.float32):
         want = mean_tensors(xs, out_dtype)
         got = mean_tensors_streaming(readers, shape, out_dtype, chunk)
         assert got.shape == want.shape and got.dtype == want.dtype
-        assert torch.equal(got.view(-1).view(torch.uint8) if got.numel() else got, want.view(-1).view(torch.uint8) if want.numel() else want)
+        assert torch.equal(
+            got.view(-1).view(torch.uint8) if got.numel() else got,
+            want.view(-1).view(torch.uint8) if want.numel() else want,
+        )
 
 
 def test_streamed_means_from_files_match_in_memory(tmp_path):
     folders, pairs = [], []
     for i in range(3):
-        t = {**tiny_tensors(i), "base_model.model.lm_head.weight": torch.randn(300, 7), "base_model.model.bias": torch.randn(())}
+        t = {
+            **tiny_tensors(i),
+            "base_model.model.lm_head.weight": torch.randn(300, 7),
+            "base_model.model.bias": torch.randn(()),
+        }
         folders.append(tiny_folder(tmp_path / f"a{i}", tensors=t))
         pairs.append((t, CONFIG))
     from_files, in_memory = rk.merge(folders), rk.merge(pairs)
@@ -70,6 +77,7 @@ def test_memory_of_averaged_tensors_does_not_grow_with_the_adapter_count(tmp_pat
 
 
 # ------------------------------------------------------------------ item 9: ranks and shapes
+
 
 def test_svd_rank_beyond_the_inputs_is_refused(tmp_path):
     ins = [tiny_folder(tmp_path / f"a{i}", seed=i) for i in range(2)]
@@ -113,6 +121,7 @@ def test_lora_b_bias_is_named_as_a_bias(tmp_path):
 
 
 # ------------------------------------------------------------------ options
+
 
 @pytest.mark.parametrize("size", ["infGB", "nanMB", "1e400", "-infKB", -1, 0, "0.5", True])
 def test_bad_shard_sizes(size):

@@ -31,7 +31,9 @@ def test_cli_merge_writes_the_same_adapter_as_the_api(adapter_dirs, base_model, 
 def test_cli_dtype_and_overwrite(adapter_dirs, tmp_path, capsys):
     out = str(tmp_path / "m")
     assert main(["merge", *adapter_dirs[:2], "-o", out, "--dtype", "bf16", "-q"]) == 0
-    assert {str(v.dtype) for v in load_file(os.path.join(out, "adapter_model.safetensors")).values()} == {"torch.bfloat16"}
+    assert {str(v.dtype) for v in load_file(os.path.join(out, "adapter_model.safetensors")).values()} == {
+        "torch.bfloat16"
+    }
     assert main(["merge", *adapter_dirs[:2], "-o", out]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["merge", *adapter_dirs[:2], "-o", out, "--overwrite"]) == 0
@@ -61,7 +63,9 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     out = proc.stdout
     assert "peft loaded the merged adapter; max |delta - (B* @ A*) * scaling| = 0" in out
     assert "merged 3 adapters with robustmerge: 14 modules" in out
-    losses = {line.split()[0] + line.split()[1]: line.split()[-3:] for line in out.splitlines() if line.startswith("adapter ")}
+    losses = {
+        line.split()[0] + line.split()[1]: line.split()[-3:] for line in out.splitlines() if line.startswith("adapter ")
+    }
     # Each trained adapter is best on its own task: the training in the demo is real.
     for task, (name, values) in enumerate(sorted(losses.items())):
         assert min(range(3), key=lambda t: float(values[t])) == task, (name, values)

@@ -108,7 +108,7 @@ def adversarial(kind: str, n: int, dtype: torch.dtype, seed: int = 0) -> torch.T
         x = x * torch.logspace(-3, 3, 16, dtype=torch.float64).repeat_interleave(n // 16 + 1)[:n]
     elif kind == "sample_miss":  # tiny exactly where the sample looks: the bracket misses
         for s in sample_starts(n):
-            x[s:s + 16] = 1e-6
+            x[s : s + 16] = 1e-6
     elif kind == "subnormal":
         x = torch.randint(-100, 101, (n,), generator=g).double() * torch.finfo(dtype).smallest_normal / 64
     return x.to(dtype)
@@ -209,8 +209,8 @@ def test_merges_byte_identical_across_paths_and_threads(dtype, r, big, simd):
         assert [float(t) for t in first.tau_b] == [float(t) for t in det.tau_b], key
     for i, mod in enumerate(mods):  # items are the modules' members in order, T = 4 each
         ref = robustmerge_module(mod.a, mod.b, params, list(mod.plan.b_scale))
-        assert torch.equal(kernel_masks(mod.a, first.tau_a[4 * i:4 * i + 4]), ref.mask_a)
-        assert torch.equal(kernel_masks(mod.b, first.tau_b[4 * i:4 * i + 4]), ref.mask_b)
+        assert torch.equal(kernel_masks(mod.a, first.tau_a[4 * i : 4 * i + 4]), ref.mask_a)
+        assert torch.equal(kernel_masks(mod.b, first.tau_b[4 * i : 4 * i + 4]), ref.mask_b)
 
 
 # ------------------------------------------------------------------ older CPUs (qemu-user)

@@ -45,7 +45,6 @@ from robustmerge_kernels.params import RobustMergeParams  # noqa: E402
 from robustmerge_kernels.reference import robustmerge_module  # noqa: E402
 
 
-
 def _importable() -> bool:
     try:
         from robustmerge_kernels import _cuda  # noqa: F401
@@ -304,7 +303,9 @@ def test_auto_picks_cuda_for_cuda_tensors():
     assert merged.report.backend == "cuda"
     ref = rk.merge(pairs, backend="reference")
     for key in ref:
-        assert_close_to_exact(merged[key].cpu(), ref[key].double(), ref[key].dtype, float(ref[key].abs().max()), 2.0, key)
+        assert_close_to_exact(
+            merged[key].cpu(), ref[key].double(), ref[key].dtype, float(ref[key].abs().max()), 2.0, key
+        )
 
 
 @needs_gpu

@@ -13,14 +13,13 @@ import sys
 import threading
 
 import pytest
-from _files import tiny_folder
 import torch
+from _files import tiny_folder
 from safetensors.torch import load_file
 
 import robustmerge_kernels as rk
 from robustmerge_kernels.adapter_io import destination, writer
 from robustmerge_kernels.cli import main
-
 
 
 @pytest.fixture
@@ -39,6 +38,7 @@ def _tree(path) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------ item 1: what -o may name
+
 
 def test_empty_output_is_refused_and_the_current_folder_survives(two, tmp_path, monkeypatch, capsys):
     work = tmp_path / "work"
@@ -100,6 +100,7 @@ def test_dangling_symlink_output_is_refused_before_merging(two, tmp_path, monkey
 
 # ------------------------------------------------------------------ item 2: re-checked at commit
 
+
 @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "mkdir_fallback"])
 @pytest.mark.parametrize("appears", ["full", "empty"])
 def test_output_that_appears_during_the_merge_is_never_replaced(two, tmp_path, monkeypatch, renameat2, appears):
@@ -154,6 +155,7 @@ def test_two_concurrent_merges_to_one_output_one_fails(two, tmp_path, monkeypatc
 
 
 # ------------------------------------------------------------------ item 3: crash-safe replacement
+
 
 class _Killed(Exception):
     pass
@@ -241,7 +243,9 @@ def test_stale_folders_removed_only_when_ours_and_their_owner_is_dead(two, tmp_p
     (tmp_path / ".out.tmp-unmarked" / "user_file").write_text("x")
     rk.merge(two, out=str(out))
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == [
-        ".out.tmp-alive", ".out.tmp-otherhost", ".out.tmp-unmarked"
+        ".out.tmp-alive",
+        ".out.tmp-otherhost",
+        ".out.tmp-unmarked",
     ]
 
 
@@ -249,13 +253,20 @@ def test_journal_naming_foreign_folders_is_ignored(two, tmp_path):
     out = tmp_path / "out"
     victim = tmp_path / "victim"
     victim.mkdir()
-    record = {**destination.owner_record(), "pid": 2**22 + 1, "boot_id": "rebooted", "new": "../victim", "old": "victim"}
+    record = {
+        **destination.owner_record(),
+        "pid": 2**22 + 1,
+        "boot_id": "rebooted",
+        "new": "../victim",
+        "old": "victim",
+    }
     (tmp_path / ".out.swap.json").write_text(json.dumps(record))
     destination.recover(str(out))
     assert victim.is_dir()
 
 
 # ------------------------------------------------------------------ permissions and OS errors
+
 
 def test_output_folder_gets_normal_permissions(two, tmp_path):
     old = os.umask(0o022)
@@ -287,8 +298,14 @@ def _mounted(path, options: str):
 
 
 def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path):
-    big = {"base_model.model.q.lora_A.weight": torch.randn(4, 40000), "base_model.model.q.lora_B.weight": torch.randn(8, 4)}
-    ins = [tiny_folder(tmp_path / f"a{i}", tensors=big, config={"peft_type": "LORA", "r": 4, "lora_alpha": 4}) for i in range(2)]
+    big = {
+        "base_model.model.q.lora_A.weight": torch.randn(4, 40000),
+        "base_model.model.q.lora_B.weight": torch.randn(8, 4),
+    }
+    ins = [
+        tiny_folder(tmp_path / f"a{i}", tensors=big, config={"peft_type": "LORA", "r": 4, "lora_alpha": 4})
+        for i in range(2)
+    ]
     with _mounted(tmp_path / "small", "size=256k") as small:
         with pytest.raises(rk.AdapterError, match="cannot write the output .*No space left"):
             rk.merge(ins, out=str(small / "out"))
@@ -298,7 +315,9 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path):
             with pytest.raises(rk.AdapterError, match="cannot write .*No space left"):
                 rk.merge(ins, out=str(small / "out"), method=method)
         llava = tiny_folder(tmp_path / "llava")  # small LoRA factors, a projector larger than the disk
-        torch.save({"model.mm_projector.0.weight": torch.randn(100_000)}, os.path.join(llava, "non_lora_trainables.bin"))
+        torch.save(
+            {"model.mm_projector.0.weight": torch.randn(100_000)}, os.path.join(llava, "non_lora_trainables.bin")
+        )
         with pytest.raises(rk.AdapterError, match="cannot write non_lora_trainables.bin"):
             rk.merge([llava], out=str(small / "out"))
         assert os.listdir(small) == []

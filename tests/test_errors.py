@@ -45,7 +45,12 @@ def test_missing_folder_config_and_weights(adapter_dirs, tmp_path):
     _merge_expecting([adapter_dirs[0], no_config], tmp_path, "adapter #1", "missing adapter_config.json")
     no_weights = _copy(adapter_dirs[1], tmp_path / "no_weights")
     os.remove(os.path.join(no_weights, "adapter_model.safetensors"))
-    _merge_expecting([no_weights], tmp_path, "adapter #0", "no adapter_model.safetensors, adapter_model.safetensors.index.json or adapter_model.bin")
+    _merge_expecting(
+        [no_weights],
+        tmp_path,
+        "adapter #0",
+        "no adapter_model.safetensors, adapter_model.safetensors.index.json or adapter_model.bin",
+    )
 
 
 def test_bad_config_json(adapter_dirs, tmp_path):
@@ -78,7 +83,9 @@ def test_bin_adapters_are_read_and_corrupt_bin_refused(adapter_dirs, tmp_path):
 
 
 def test_different_base_shapes(tmp_path):
-    err = _merge_expecting([lora_pair(0, n=12), lora_pair(1, n=16)], tmp_path, "adapter #1", "lora_A", "base layer shape")
+    err = _merge_expecting(
+        [lora_pair(0, n=12), lora_pair(1, n=16)], tmp_path, "adapter #1", "lora_A", "base layer shape"
+    )
     assert err.adapter == "#1" and err.tensor.endswith("q.lora_A.weight")
 
 

@@ -120,8 +120,8 @@ def test_rank_and_alpha_patterns(base_model, tmp_path):
     delta = (merged[f"{name}.lora_B.weight"] @ merged[f"{name}.lora_A.weight"]) * 4.0
     torch.testing.assert_close(layer.get_delta_weight("default"), delta)
     # the third adapter's down_proj (alpha 4, r 8 -> 0.5) is folded at 0.5 / 4 into B
-    from robustmerge_kernels.plan import build_plan
     from robustmerge_kernels.adapter_io.sources import open_adapter
+    from robustmerge_kernels.plan import build_plan
 
     srcs = [open_adapter(m, i) for i, m in enumerate([*models, other])]
     plan = build_plan(srcs)
@@ -131,6 +131,7 @@ def test_rank_and_alpha_patterns(base_model, tmp_path):
 
 
 # ---------------------------------------------------------------------------- fuzzing
+
 
 @settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
@@ -168,7 +169,10 @@ def test_fuzzed_files_merge_or_fail_cleanly(adapter_dirs, tmp_path_factory, data
 @pytest.mark.parametrize(
     "tensors,message",
     [
-        ({"m.lora_A.weight": torch.ones(2, 3, dtype=torch.int32), "m.lora_B.weight": torch.ones(4, 2)}, "not a floating-point"),
+        (
+            {"m.lora_A.weight": torch.ones(2, 3, dtype=torch.int32), "m.lora_B.weight": torch.ones(4, 2)},
+            "not a floating-point",
+        ),
         ({"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 3)}, "rank mismatch"),
         ({"m.lora_A.weight": torch.ones(2, 3, 1), "m.lora_B.weight": torch.ones(4, 2)}, "2-D"),
         ({"m.lora_A.weight": torch.ones(0, 3), "m.lora_B.weight": torch.ones(4, 0)}, "empty LoRA factor"),
@@ -200,6 +204,7 @@ def test_duplicate_keys_in_safetensors_header(adapter_dirs, tmp_path):
 
 
 # ---------------------------------------------------------------------------- interruption
+
 
 def test_killed_during_write_leaves_no_complete_looking_folder(adapter_dirs, tmp_path):
     """SIGKILL while the weights are being written: the output name never appears; a
@@ -252,7 +257,11 @@ def test_sharded_output_with_index_reads_back_as_input(adapter_dirs, tmp_path):
     assert again.keys() == merged.keys()
     single = tmp_path / "single"
     rk.merge(adapter_dirs, out=str(single), max_shard_size="1GB")  # small adapter: one file, no index
-    assert sorted(p.name for p in single.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "robustmerge.json"]
+    assert sorted(p.name for p in single.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "robustmerge.json",
+    ]
     with pytest.raises(rk.AdapterError, match="cannot read size"):
         rk.merge(adapter_dirs, out=str(tmp_path / "x"), max_shard_size="lots")
 
@@ -271,4 +280,3 @@ def test_streamed_output_is_a_valid_safetensors_file_and_can_skip_memory(adapter
     assert (8 + int.from_bytes(raw[:8], "little")) % 8 == 0  # data 8-byte aligned, as safetensors writes it
     loaded = PeftModel.from_pretrained(copy.deepcopy(base_model), str(out))
     assert max_delta_error(loaded, in_memory, in_memory.config["lora_alpha"] / in_memory.config["r"]) == 0.0
-

@@ -39,7 +39,9 @@ def _hidden(folder) -> list[str]:
 _weird = st.one_of(st.integers(-3, 300), st.just(10**20), st.floats(allow_nan=True), st.booleans(), st.text(max_size=3),
                    st.none(), st.lists(st.integers(0, 9), max_size=2))  # fmt: skip
 _dims = st.one_of(st.lists(st.integers(0, 12), max_size=3), st.lists(_weird, max_size=3), _weird)
-_offsets = st.one_of(st.tuples(st.integers(0, 400), st.integers(0, 400)).map(list), st.lists(_weird, max_size=3), _weird)
+_offsets = st.one_of(
+    st.tuples(st.integers(0, 400), st.integers(0, 400)).map(list), st.lists(_weird, max_size=3), _weird
+)
 _dtype = st.sampled_from(["F32", "F16", "BF16", "F64", "I8", "BOOL", "Q4", 5, None])
 _entry = st.one_of(st.fixed_dictionaries({"dtype": _dtype, "shape": _dims, "data_offsets": _offsets}), _weird)
 _key = st.sampled_from([A, B, "base_model.model.lm_head.weight", "base_model.model.layers.0.q.lora_B.bias", "x"])
@@ -109,6 +111,7 @@ def test_destinations_never_lose_what_they_must_not_replace(tmp_path_factory, mo
 
 # ------------------------------------------------------------------ I/O faults
 
+
 def _as_if_dead(tmp, out) -> None:
     """Rewrite the owner records this process left so they name a process that has ended."""
     dead = {"pid": 2**22 + 7, "start": "0"}
@@ -117,6 +120,7 @@ def _as_if_dead(tmp, out) -> None:
     for path in records:
         if path.is_file():
             path.write_text(json.dumps({**json.loads(path.read_text()), **dead}))
+
 
 _FAULTS = {"pwrite": (os, "pwrite"), "fsync": (os, "fsync"), "rename": (os, "rename"), "mkdir": (os, "mkdir"),
            "rename2": (destination, "rename2"), "ftruncate": (os, "ftruncate"), "remove": (os, "remove")}  # fmt: skip
@@ -170,6 +174,7 @@ def test_io_faults_are_clear_errors_and_keep_the_previous_output(tmp_path_factor
 
 # ------------------------------------------------------------------ kill -9 during commit
 
+
 @FUZZ
 @given(step=st.sampled_from(["rename", "rename2", "fsync", "remove", "rmtree", "mkdir"]), nth=st.integers(1, 12),
        overwrite=st.booleans(), fallback=st.booleans())  # fmt: skip
@@ -186,7 +191,9 @@ def test_kill_at_any_step_of_the_commit_loses_nothing(tmp_path_factory, step, nt
         assert fallback  # mkdir claimed the name, killed before the rename onto it: empty, harmless
     elif overwrite or out.exists():
         got = load_file(str(out / "adapter_model.safetensors"))
-        assert got.keys() in ({"old"} if overwrite else set(), {"new"}) and (got.keys() != {"new"} or torch.equal(got["new"], new["new"]))
+        assert got.keys() in ({"old"} if overwrite else set(), {"new"}) and (
+            got.keys() != {"new"} or torch.equal(got["new"], new["new"])
+        )
         assert not (out / destination.OWNER_NAME).exists()
     assert _hidden(tmp) == []
 

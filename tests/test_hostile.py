@@ -38,6 +38,7 @@ def _refused(folder, tmp_path, *patterns):
 
 # ------------------------------------------------------------------ item 4: offsets
 
+
 def _entry(shape, start, end):
     return {"dtype": "F32", "shape": shape, "data_offsets": [start, end]}
 
@@ -73,6 +74,7 @@ def test_safetensors_library_agrees_on_overlaps(tmp_path):
 
 
 # ------------------------------------------------------------------ item 7 and header oddities
+
 
 def test_tensor_count_is_capped(tmp_path, monkeypatch):
     assert 10_000 <= safetensors_io.MAX_TENSORS <= 1_000_000
@@ -116,6 +118,7 @@ def test_deeply_nested_json_is_refused_not_a_recursion_error(tmp_path):
 
 # ------------------------------------------------------------------ item 5: shared storage
 
+
 def test_views_of_one_storage_in_a_bin_are_refused(tmp_path):
     folder = tiny_folder(tmp_path / "a")
     storage = torch.randn(1024)
@@ -150,6 +153,7 @@ def test_sparse_and_meta_tensors_are_refused(kind):
 
 
 # ------------------------------------------------------------------ item 6: what files are opened
+
 
 def _in_thread(fn, timeout=20):
     box = {}
@@ -222,6 +226,7 @@ def test_same_folder_twice_warns(tmp_path):
 
 
 # ------------------------------------------------------------------ item 10: file descriptors
+
 
 def test_more_adapters_than_file_descriptors(tmp_path):
     """1,100 adapters under a limit of 256 open files: nothing is held open per adapter

@@ -168,11 +168,10 @@ def test_push_to_hub_uploads_the_written_folder_with_a_card(adapter_dirs, tmp_pa
     monkeypatch.setattr(hub, "_upload", fake_upload)
     out = tmp_path / "merged"
     rk.merge(adapter_dirs, out=str(out), push_to_hub="me/merged-adapter", lam=1.5)
-    (repo, files, card), = uploads
+    ((repo, files, card),) = uploads
     assert repo == "me/merged-adapter"
     assert {"adapter_config.json", "adapter_model.safetensors", "robustmerge.json", "README.md"} <= set(files)
     assert "robustmerge" in card and "lam: `1.5`" in card and "#2" in card
-
 
 
 def test_push_to_hub_failure_keeps_the_folder_and_says_so(adapter_dirs, tmp_path, monkeypatch):

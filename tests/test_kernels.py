@@ -20,7 +20,13 @@ import pytest
 import torch
 from _backends import BACKENDS, check_against_reference, check_many_modules
 from _cases import (
-    CASES, KERNEL_DTYPES, KERNEL_IDS, TOLERANCES, assert_close_to_exact, make_case, property_module,
+    CASES,
+    KERNEL_DTYPES,
+    KERNEL_IDS,
+    TOLERANCES,
+    assert_close_to_exact,
+    make_case,
+    property_module,
     random_module,
 )
 from conftest import lora_pair
@@ -200,9 +206,7 @@ def test_output_overflow_refused_through_merge_naming_the_tensor(backend):
     sd["base_model.model.layers.0.q.lora_B.weight"].fill_(3e4)
     with pytest.raises(rk.AdapterError, match="overflow the output dtype torch.float16") as info:
         # B*: lam * weighted mean of 3e4 overflows fp16
-        rk.merge(
-            backend.pairs([(sd, config), (sd, config)]), backend=backend.name, density=1.0, lam=3.0, dtype="fp16"
-        )
+        rk.merge(backend.pairs([(sd, config), (sd, config)]), backend=backend.name, density=1.0, lam=3.0, dtype="fp16")
     assert info.value.tensor == "base_model.model.layers.0.q.lora_B.weight"
 
 
@@ -243,7 +247,11 @@ def test_same_thresholds_and_a_bits_as_the_cpu_backend_and_deterministic(backend
     every backend is bit-identical run to run."""
     params = RobustMergeParams()
     # 12 modules: more than 2x the cpu threads (module-per-task schedule); fewer in the interpreter
-    mods = _many_modules(backend, 3, T=3, dtype=dtype) if backend.interpreted else _many_modules(backend, 12, T=5, dtype=dtype)
+    mods = (
+        _many_modules(backend, 3, T=3, dtype=dtype)
+        if backend.interpreted
+        else _many_modules(backend, 12, T=5, dtype=dtype)
+    )
     first, second = backend.run(mods, params), backend.run(mods, params)
     cpu_mods = [type(m)(m.plan, [x.cpu() for x in m.a], [x.cpu() for x in m.b]) for m in mods]
     cpu = CpuBackend().run(cpu_mods, params, details=True)

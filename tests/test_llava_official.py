@@ -25,7 +25,9 @@ from robustmerge_kernels.params import RobustMergeParams
 PEFT = "base_model.model."
 PROJ = f"{PEFT}model.mm_projector"
 # module -> (in_features, out_features); rank 8, as a small LLaVA LoRA
-SHAPES = {f"model.layers.{i}.self_attn.{p}": (64, 48 if p == "v_proj" else 64) for i in range(2) for p in ("q_proj", "v_proj")}
+SHAPES = {
+    f"model.layers.{i}.self_attn.{p}": (64, 48 if p == "v_proj" else 64) for i in range(2) for p in ("q_proj", "v_proj")
+}
 RANK = 8
 
 
@@ -45,8 +47,12 @@ def write_original_llava(folder, seed: int, dtype: torch.dtype, shapes=SHAPES, c
     g = torch.Generator().manual_seed(seed)
     lora = {}
     for module, (n, m) in shapes.items():  # A before B per module, as PEFT saves them
-        lora[f"{PEFT}{module}.lora_A.weight"] = ((torch.rand(RANK, n, generator=g, dtype=torch.float64) * 2 - 1) / n**0.5).to(dtype)
-        lora[f"{PEFT}{module}.lora_B.weight"] = (torch.randn(m, RANK, generator=g, dtype=torch.float64) * 0.02).to(dtype)
+        lora[f"{PEFT}{module}.lora_A.weight"] = (
+            (torch.rand(RANK, n, generator=g, dtype=torch.float64) * 2 - 1) / n**0.5
+        ).to(dtype)
+        lora[f"{PEFT}{module}.lora_B.weight"] = (torch.randn(m, RANK, generator=g, dtype=torch.float64) * 0.02).to(
+            dtype
+        )
     torch.save(lora, os.path.join(folder, "adapter_model.bin"))
     adapter_config = {"peft_type": "LORA", "r": RANK, "lora_alpha": 2 * RANK, "target_modules": list(target_modules),
                       "task_type": "CAUSAL_LM", "lora_dropout": 0.05, "bias": "none"}  # fmt: skip
@@ -145,7 +151,10 @@ def test_config_json_round_trips(tmp_path, capsys):
     loaded = PretrainedConfig.from_pretrained(str(out))  # as LlavaConfig (a LlamaConfig) reads it
     assert loaded.mm_projector_type == "mlp2x_gelu" and loaded.architectures == ["LlavaLlamaForCausalLM"]
     record = json.loads((out / "robustmerge.json").read_text())
-    assert "config.json" in record["inputs"][1]["sha256"] and record["model_config"]["from"] == merged.report.model_config["from"]
+    assert (
+        "config.json" in record["inputs"][1]["sha256"]
+        and record["model_config"]["from"] == merged.report.model_config["from"]
+    )
     # a merged folder is a valid input again, config.json and all
     again = rk.merge([str(out), folders[1]], out=str(tmp_path / "again"))
     assert again.report.model_config["from"].startswith("#0") and "differs" not in again.report.model_config
@@ -181,18 +190,27 @@ def _tiny_llava_adapters(tmp_path):
 
     base = tiny_llava()
     torch.manual_seed(1)
-    hf = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], init_lora_weights=False))
+    hf = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], init_lora_weights=False)
+    )
     hf.save_pretrained(str(tmp_path / "hf"))
     torch.manual_seed(2)
     targets = ["o_proj", "gate_proj"]  # the language model's only: CLIP has neither
-    orig = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    orig = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )
     folder = tmp_path / "orig"
     folder.mkdir()
     state = {k.replace("model.language_model.", "model."): v for k, v in get_peft_model_state_dict(orig).items()}
     torch.save(state, folder / "adapter_model.bin")
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": targets}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": targets})
+    )
     own = base.model.multi_modal_projector.state_dict()
-    projector = {f"{PROJ}.{ {'linear_1': 0, 'linear_2': 2}[k.split('.')[0]] }.{k.split('.')[1]}": torch.randn_like(v) for k, v in own.items()}
+    projector = {
+        f"{PROJ}.{ {'linear_1': 0, 'linear_2': 2}[k.split('.')[0]] }.{k.split('.')[1]}": torch.randn_like(v)
+        for k, v in own.items()
+    }
     torch.save(projector, folder / "non_lora_trainables.bin")
     return base, str(tmp_path / "hf"), str(folder), projector
 
@@ -229,7 +247,9 @@ def test_mixed_layouts_write_one_layout_that_loads(tmp_path):
         key = name.removeprefix("base_model.model.")
         assert torch.equal(a, written[f"base_model.model.{key}.lora_A.weight"]), name
     # the projector (carried by one adapter: its mean is itself) is loaded into the model by PEFT
-    assert torch.equal(loaded.base_model.model.model.multi_modal_projector.linear_1.weight, projector[f"{PROJ}.0.weight"])
+    assert torch.equal(
+        loaded.base_model.model.model.multi_modal_projector.linear_1.weight, projector[f"{PROJ}.0.weight"]
+    )
 
     out = tmp_path / "original_first"
     merged = rk.merge([orig, hf], out=str(out))

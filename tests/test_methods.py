@@ -13,12 +13,12 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 import robustmerge_kernels as rk
-from robustmerge_kernels.cli import main
-from robustmerge_kernels.errors import AdapterError
 from robustmerge_kernels.adapter_io.keys import canonical_name
-from robustmerge_kernels.methods import dare, merge_module, MethodOptions
-from robustmerge_kernels.methods.select import keep_masks, thresholds
+from robustmerge_kernels.cli import main
 from robustmerge_kernels.demo.toy import train_adapter
+from robustmerge_kernels.errors import AdapterError
+from robustmerge_kernels.methods import MethodOptions, dare, merge_module
+from robustmerge_kernels.methods.select import keep_masks, thresholds
 
 WEIGHTS = [0.7, -0.4, 1.3, 0.5]
 
@@ -130,7 +130,7 @@ def test_dare_matches_peft_with_our_mask(base_model, four_dirs, monkeypatch, met
     peft = peft_merge(base_model, four_dirs, WEIGHTS, method, density=density)
     monkeypatch.undo()
     assert not queue  # every mask was consumed: same number and order of prunings
-    for module, (a, b, scaling) in peft.items():
+    for module, (a, b, _scaling) in peft.items():
         oa, ob = _ours(ours, module)
         if method.endswith("_svd"):
             torch.testing.assert_close(ob @ oa, b @ a, rtol=1e-4, atol=1e-6)
@@ -424,7 +424,7 @@ def test_single_adapter_still_prunes_where_peft_switches_to_linear(base_model, a
     linear = rk.merge(one, method="linear", weights=[0.7])
     ours = rk.merge(one, method=method, weights=[0.7], density=0.3)
     num = den = 0.0
-    for module, (a, b, scaling) in peft.items():
+    for module, (a, b, _scaling) in peft.items():
         la, lb = _ours(linear, module)
         torch.testing.assert_close(la, a, rtol=1e-6, atol=1e-7)  # PEFT's result is linear's
         torch.testing.assert_close(lb, b, rtol=1e-6, atol=1e-7)

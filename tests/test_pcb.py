@@ -4,11 +4,11 @@ full of ties, plus the edge cases where the official code divides 0 by 0."""
 
 from __future__ import annotations
 
+import _pcb_oracle
 import numpy as np
 import pytest
 import torch
 
-import _pcb_oracle
 from robustmerge_kernels.methods import pcb_merge
 
 

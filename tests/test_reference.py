@@ -32,9 +32,22 @@ except ImportError:
     import _oracle
 
 from _cases import (  # noqa: E402
-    CASES, DTYPE_IDS, DTYPES, TOLERANCES, assert_close_to_exact, assert_scales_close, data_scale,
-    gauss_b, kaiming_a, make_case, random_module, structural_zeros, subnormal_ints, ties_matrix,
+    CASES,
+    DTYPE_IDS,
+    DTYPES,
+    TOLERANCES,
+    assert_close_to_exact,
+    assert_scales_close,
+    data_scale,
+    gauss_b,
+    kaiming_a,
+    make_case,
+    random_module,
+    structural_zeros,
+    subnormal_ints,
+    ties_matrix,
 )
+
 
 # --------------------------------------------------------------------------------------
 # The one comparison every input goes through.
@@ -411,7 +424,11 @@ def synthetic_state_dicts(T=3, seed=7, dtype=torch.float32):
         sd = {}
         for layer in range(2):
             for proj, (n, m) in (("q_proj", (32, 32)), ("down_proj", (48, 32))):
-                mod = f"{PREFIX}layers.{layer}.mlp.{proj}" if proj == "down_proj" else f"{PREFIX}layers.{layer}.self_attn.{proj}"
+                mod = (
+                    f"{PREFIX}layers.{layer}.mlp.{proj}"
+                    if proj == "down_proj"
+                    else f"{PREFIX}layers.{layer}.self_attn.{proj}"
+                )
                 sd[f"{mod}.lora_A.weight"] = kaiming_a(g, 8, n).to(dtype)
                 sd[f"{mod}.lora_B.weight"] = gauss_b(g, m, 8).to(dtype)
         sd[f"{PREFIX}mm_projector.0.weight"] = torch.randn(16, 12, generator=g, dtype=torch.float64).to(dtype)
@@ -474,8 +491,11 @@ def test_api_non_lora_tensors_are_averaged_and_lora_merged():
     merged = robustmerge_kernels.merge(sds, backend="reference")
     assert merged.report.averaged_tensors == 3
     # non-LoRA: element-wise mean over the adapters that carry the tensor, in its dtype
-    for key in (f"{PREFIX}mm_projector.0.weight", f"{PREFIX}mm_projector.0.bias",
-                "base_model.model.lm_head.modules_to_save.default.weight"):
+    for key in (
+        f"{PREFIX}mm_projector.0.weight",
+        f"{PREFIX}mm_projector.0.bias",
+        "base_model.model.lm_head.modules_to_save.default.weight",
+    ):
         carriers = [sd[key] for sd in sds if key in sd]
         assert len(carriers) == (2 if "modules_to_save" in key else 3)
         expected = _oracle.mean(carriers)
@@ -485,7 +505,7 @@ def test_api_non_lora_tensors_are_averaged_and_lora_merged():
     # LoRA factors: the oracle per module (no config -> b_scale 1)
     mods = lora_modules(sds[0])
     assert len(mods) == 4
-    for mod, (ka, kb) in mods.items():
+    for _mod, (ka, kb) in mods.items():
         a = [sd[ka] for sd in sds]
         b = [sd[kb] for sd in sds]
         exp = _oracle.robustmerge(a, b, 0.2, 0.8, 2.0)
@@ -498,7 +518,7 @@ def test_api_hyperparameters_are_passed_through():
     sds = synthetic_state_dicts(T=2, seed=9)
     merged = robustmerge_kernels.merge(sds, density=0.45, clamp_quantile=0.3, lam=0.9, backend="reference")
     assert merged.report.hyperparameters == {"density": 0.45, "clamp_quantile": 0.3, "lam": 0.9}
-    for mod, (ka, kb) in lora_modules(sds[0]).items():
+    for _mod, (ka, kb) in lora_modules(sds[0]).items():
         a = [sd[ka] for sd in sds]
         b = [sd[kb] for sd in sds]
         exp = _oracle.robustmerge(a, b, 0.45, 0.3, 0.9)

@@ -75,6 +75,7 @@ def fsync_dir(path: str) -> None:
 
 # ------------------------------------------------------------------ names of hidden folders
 
+
 def hidden_stem(out: str) -> str:
     """``.NAME`` for the hidden siblings of OUT, shortened (with a hash) when the suffixes
     would push a valid name past the file system's 255-byte limit."""
@@ -90,6 +91,7 @@ def journal_path(out: str) -> str:
 
 
 # ------------------------------------------------------------------ owner markers
+
 
 def _boot_id() -> str:
     try:
@@ -146,6 +148,7 @@ def owner_dead(owner: dict[str, Any] | None) -> bool:
 
 
 # ------------------------------------------------------------------ checks before merging
+
 
 def _is_within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
@@ -212,6 +215,7 @@ def check_replaceable(out: str, force: bool = False) -> None:
 
 
 # ------------------------------------------------------------------ commit and recovery
+
 
 def _drop_marker(folder: str) -> None:
     try:

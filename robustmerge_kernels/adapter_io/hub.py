@@ -99,7 +99,6 @@ def resolve(ref: HubRef, label: str) -> HubAdapter:
     return HubAdapter(ref, os.path.basename(os.path.normpath(snapshot)), folder)
 
 
-
 # ------------------------------------------------------------------------ uploading
 
 CARD_NAME = "README.md"
@@ -148,4 +147,6 @@ def push(folder: str, repo_id: str, record: dict[str, Any]) -> None:
     try:
         _upload(folder, repo_id)
     except Exception as exc:  # the folder is written either way: say so
-        raise AdapterError(f"merged adapter written to {folder!r}, but uploading it to {repo_id!r} failed: {exc}") from exc
+        raise AdapterError(
+            f"merged adapter written to {folder!r}, but uploading it to {repo_id!r} failed: {exc}"
+        ) from exc

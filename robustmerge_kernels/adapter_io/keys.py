@@ -105,7 +105,11 @@ def canonical_name(name: str) -> str:
 # the decoder's children and of the projector's layers.
 ORIGINAL_LAYOUT, HF_LAYOUT, HF_LEGACY_LAYOUT = "original", "hf", "hf_legacy"
 _LM_PREFIX = {ORIGINAL_LAYOUT: ORIGINAL_LM_PREFIX, HF_LAYOUT: HF_LM_PREFIXES[0], HF_LEGACY_LAYOUT: HF_LM_PREFIXES[1]}
-_PROJECTOR_PREFIX = {ORIGINAL_LAYOUT: ORIGINAL_PROJECTOR, HF_LAYOUT: f"model.{HF_PROJECTOR}", HF_LEGACY_LAYOUT: HF_PROJECTOR}
+_PROJECTOR_PREFIX = {
+    ORIGINAL_LAYOUT: ORIGINAL_PROJECTOR,
+    HF_LAYOUT: f"model.{HF_PROJECTOR}",
+    HF_LEGACY_LAYOUT: HF_PROJECTOR,
+}
 _ORIGINAL_INDEX = {orig: hf for hf, orig in PROJECTOR_LAYERS.items()}  # "0" -> "linear_1"
 # Children of the decoder (LlamaModel) that the layouts place differently; other names
 # under a prefix (the vision tower, which original LLaVA also keeps under model.) are not

@@ -53,7 +53,9 @@ def _read(source: AdapterSource) -> tuple[bytes, dict[str, Any]] | None:
     except OSError as exc:
         raise AdapterError(f"cannot read {MODEL_CONFIG_NAME}: {exc}", source.label) from exc
     if len(data) > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{MODEL_CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes; not a model config", source.label)
+        raise AdapterError(
+            f"{MODEL_CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes; not a model config", source.label
+        )
     try:
         parsed = json.loads(data)
     except ValueError as exc:

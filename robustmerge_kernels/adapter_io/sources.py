@@ -147,7 +147,11 @@ def _weights_only_reason(exc: Exception) -> str:
     let the file run code): the part that says what the file contains."""
     text = str(exc)
     if "weights_only" in text or "WeightsUnpickler" in text:
-        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0] if "WeightsUnpickler error:" in text else ""
+        detail = (
+            text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+            if "WeightsUnpickler error:" in text
+            else ""
+        )
         return "it holds objects other than tensors, which are refused because loading them could run code" + (
             f" ({detail})" if detail else ""
         )
@@ -227,7 +231,9 @@ def open_adapter(obj: Any, index: int) -> AdapterSource:
             try:
                 resolved = hub.resolve(ref, label)
             except AdapterError as exc:  # a Hub-shaped string may also be a mistyped local path
-                raise AdapterError(f"no such adapter folder {folder!r}, nor a Hub adapter: {exc.reason}", label) from exc
+                raise AdapterError(
+                    f"no such adapter folder {folder!r}, nor a Hub adapter: {exc.reason}", label
+                ) from exc
             folder = resolved.folder
         if not os.path.isdir(folder):
             raise AdapterError(f"no such adapter folder {folder!r}", label)
@@ -284,5 +290,7 @@ def warn_repeated_folders(sources: list[AdapterSource]) -> None:
             continue
         real = os.path.realpath(s.folder)
         if real in seen:
-            warnings.warn(f"adapter {s.label} is the same folder as adapter {seen[real]}; it is merged twice", stacklevel=3)
+            warnings.warn(
+                f"adapter {s.label} is the same folder as adapter {seen[real]}; it is merged twice", stacklevel=3
+            )
         seen.setdefault(real, s.label)

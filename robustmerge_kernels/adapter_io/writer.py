@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import tempfile
@@ -111,7 +110,9 @@ class StagedAdapter:
         files = _shard_files(tensors, max_shard_size)
         for name in dict.fromkeys(files.values()):
             with self._naming_failures(name):  # safetensors reports ENOSPC as its own error type
-                save_file({k: t for k, t in tensors.items() if files[k] == name}, self.path(name), metadata={"format": "pt"})
+                save_file(
+                    {k: t for k, t in tensors.items() if files[k] == name}, self.path(name), metadata={"format": "pt"}
+                )
             _fsync_file(self.path(name))
         if len(set(files.values())) > 1:
             total = sum(t.nbytes for t in tensors.values())

@@ -95,7 +95,9 @@ class KernelBackend:
     name = "kernel"
     checks_finite = True  # kernels report inf/NaN inputs and overflowing outputs
 
-    def robustmerge(self, group: list[ModuleInputs], params: RobustMergeParams) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def robustmerge(
+        self, group: list[ModuleInputs], params: RobustMergeParams
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self.run(group, params).outputs
 
     def run(self, group: list[ModuleInputs], params: RobustMergeParams, details: bool = False) -> KernelDetails:

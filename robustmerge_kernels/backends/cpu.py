@@ -116,12 +116,16 @@ def thresholds(xs: Sequence[torch.Tensor], ks: Sequence[int]) -> list[torch.Tens
     keep = [x.detach().contiguous() for x in xs]  # the table holds addresses: keep them alive
     for i, (x, k) in enumerate(zip(keep, ks)):
         if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES:
-            raise ValueError(f"tensor {i}: the CPU kernel reads float32/float16/bfloat16 CPU tensors, got {x.dtype} on {x.device}")
+            raise ValueError(
+                f"tensor {i}: the CPU kernel reads float32/float16/bfloat16 CPU tensors, got {x.dtype} on {x.device}"
+            )
         if not 1 <= k <= x.numel():
             raise ValueError(f"tensor {i}: rank {k} is outside 1..{x.numel()}")
     if not keep:
         return []
-    table = torch.tensor([[x.data_ptr(), KERNEL_DTYPES[x.dtype], x.numel(), k] for x, k in zip(keep, ks)], dtype=torch.int64)
+    table = torch.tensor(
+        [[x.data_ptr(), KERNEL_DTYPES[x.dtype], x.numel(), k] for x, k in zip(keep, ks)], dtype=torch.int64
+    )
     keys = torch.zeros(len(keep), dtype=torch.int32)
     status = torch.zeros(len(keep), dtype=torch.int32)
     if not ext.thresholds(table.data_ptr(), len(keep), get_num_threads(), keys.data_ptr(), status.data_ptr()):

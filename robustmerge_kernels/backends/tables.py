@@ -28,7 +28,17 @@ from .base import ModuleInputs, NonFiniteInput, OutputOverflow
 ITEM_COLUMNS = ("a", "b", "a_dtype", "b_dtype", "k_a", "k_b")
 # Per module: shapes, its items [first, first + members), output addresses and dtype code,
 # and the position of the clamp quantile among the sorted A-row scales.
-MODULE_COLUMNS = ("rank", "in_features", "out_features", "first", "members", "out_a", "out_b", "out_dtype", "clamp_index")
+MODULE_COLUMNS = (
+    "rank",
+    "in_features",
+    "out_features",
+    "first",
+    "members",
+    "out_a",
+    "out_b",
+    "out_dtype",
+    "clamp_index",
+)
 ITEM = {name: i for i, name in enumerate(ITEM_COLUMNS)}  # column index by name
 MODULE = {name: i for i, name in enumerate(MODULE_COLUMNS)}
 KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # input types of the kernels
@@ -109,7 +119,9 @@ def _module_rows(group: list[ModuleInputs], params: RobustMergeParams, device: t
 
 def _int64_column(values: list[int]) -> torch.Tensor:
     # array('q') converts a list of Python ints in C, about twice as fast as torch.tensor(list).
-    return torch.frombuffer(array.array("q", values), dtype=torch.int64) if values else torch.empty(0, dtype=torch.int64)
+    return (
+        torch.frombuffer(array.array("q", values), dtype=torch.int64) if values else torch.empty(0, dtype=torch.int64)
+    )
 
 
 def _fast_tables(group: list[ModuleInputs], params: RobustMergeParams, device: torch.device) -> PlanTables | None:

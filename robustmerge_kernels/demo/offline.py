@@ -92,9 +92,14 @@ def _run_demo(tasks, steps, out, backend, overwrite, echo) -> dict:
         err = max_delta_error(loaded, merged, scaling)
         echo(f"peft loaded the merged adapter; max |delta - (B* @ A*) * scaling| = {err:.3g}")
 
-        rows = [("base", base)] + [
-            (f"adapter {t}", PeftModel.from_pretrained(copy.deepcopy(base), f).eval()) for t, f in enumerate(folders)
-        ] + [("merged", loaded)]
+        rows = (
+            [("base", base)]
+            + [
+                (f"adapter {t}", PeftModel.from_pretrained(copy.deepcopy(base), f).eval())
+                for t, f in enumerate(folders)
+            ]
+            + [("merged", loaded)]
+        )
         losses = {name: [task_loss(m, t, vocab) for t in range(tasks)] for name, m in rows}
         accuracy = {name: [task_accuracy(m, t, vocab) for t in range(tasks)] for name, m in rows}
         # The paper's lam = 2 is tuned for LLaVA; one smaller setting shows what lam does here.

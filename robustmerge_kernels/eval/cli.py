@@ -61,17 +61,30 @@ def add_eval_parsers(sub) -> None:
     e.add_argument("--registry", default=None, help="task registry JSON (default: the built-in MM-MergeBench one)")
     e.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     e.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
-    e.add_argument("--num-chunks", type=int, default=None,
-                   help="split each task's questions into N chunks (the official scripts' --num-chunks); "
-                        "under torchrun / accelerate launch the ranks split them without this")
+    e.add_argument(
+        "--num-chunks",
+        type=int,
+        default=None,
+        help="split each task's questions into N chunks (the official scripts' --num-chunks); "
+        "under torchrun / accelerate launch the ranks split them without this",
+    )
     e.add_argument("--chunk-idx", type=int, default=None, help="the chunk this process answers (0..N-1)")
-    e.add_argument("--log-samples", action="store_true",
-                   help="write <task>/samples.jsonl: prompt, image, raw and parsed answer, target, score per sample")
-    e.add_argument("--restart", action="store_true",
-                   help="discard a task's answers made with other settings instead of refusing to mix them")
-    e.add_argument("--scienceqa-dir", default=None,
-                   help="folder with ScienceQA's problems.json and pid_splits.json (official gold and test split; "
-                        "default: DATA_ROOT/datasets/ScienceQA when present)")
+    e.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="write <task>/samples.jsonl: prompt, image, raw and parsed answer, target, score per sample",
+    )
+    e.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard a task's answers made with other settings instead of refusing to mix them",
+    )
+    e.add_argument(
+        "--scienceqa-dir",
+        default=None,
+        help="folder with ScienceQA's problems.json and pid_splits.json (official gold and test split; "
+        "default: DATA_ROOT/datasets/ScienceQA when present)",
+    )
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=_eval)
 

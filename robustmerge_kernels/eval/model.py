@@ -23,11 +23,17 @@ from typing import Any
 import torch
 
 from ..adapter_io.keys import (
-    HF_LM_PREFIXES, HF_PROJECTOR, ORIGINAL_LM_PREFIX, ORIGINAL_PROJECTOR, PEFT_PREFIX, PROJECTOR_LAYERS, parse_factor,
+    HF_LM_PREFIXES,
+    HF_PROJECTOR,
+    ORIGINAL_LM_PREFIX,
+    ORIGINAL_PROJECTOR,
+    PEFT_PREFIX,
+    PROJECTOR_LAYERS,
+    parse_factor,
 )  # fmt: skip
 from ..adapter_io.names import NON_LORA_NAME
-from ..dtypes import parse_dtype
 from ..adapter_io.sources import open_adapter
+from ..dtypes import parse_dtype
 
 _PROJECTOR = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?{re.escape(ORIGINAL_PROJECTOR)}(\d+)\.(weight|bias)$")
 # Original-layout language-model keys: "model." not followed by an HF sub-module name.

@@ -227,6 +227,7 @@ def _gather_and_score(task, questions, answers, task_dir, data_root, *, limit, n
         _atomic_lines(os.path.join(task_dir, SAMPLES), samples)
     return result
 
+
 def describe_run(base: str, adapter: str | None, label: str | None, adapter_task: str | None) -> dict:
     """run.json: kind is zero-shot (no adapter), individual (``adapter_task`` given) or
     merged; a merged adapter written by this library names its method in robustmerge.json."""

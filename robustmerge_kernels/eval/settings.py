@@ -16,18 +16,10 @@ import subprocess
 import sys
 from typing import Any
 
+from ..adapter_io.record import file_sha256
 from ..jsonfile import write_json
 
 HASH_CACHE = ".hashes.json"  # in the run folder: (file, size, mtime) -> sha256
-_CHUNK = 1 << 22
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def content_hash(path: str | None, cache_dir: str | None = None) -> str | None:
@@ -60,7 +52,7 @@ def content_hash(path: str | None, cache_dir: str | None = None) -> str | None:
         st = os.stat(full)
         key = f"{os.path.abspath(full)}|{st.st_size}|{st.st_mtime_ns}"
         if key not in cache:
-            cache[key] = _file_sha256(full)
+            cache[key] = file_sha256(full)
             changed = True
         total.update(f"{rel}\0{cache[key]}\n".encode())
     if cache_path and changed:

@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 
+from ..adapter_io.keys import PEFT_PREFIX, canonical_name
+from ..adapter_io.scaling import ScalingRule
 from ..errors import AdapterError
 from ..finite import check_output
-from ..adapter_io.keys import PEFT_PREFIX, canonical_name
 from ..plan import MergePlan, ModulePlan
 from ..reference import compute_dtype
-from ..adapter_io.scaling import ScalingRule
 from . import combine, dare, lowrank, pcb, select
 from .combine import disjoint_merge, task_arithmetic
 from .lowrank import cat, lowrank_svd, truncate

@@ -85,7 +85,12 @@ def dare_linear(x: torch.Tensor, w: torch.Tensor, density: float, seed: int, nam
 
 
 def dare_ties(
-    x: torch.Tensor, w: torch.Tensor, density: float, seed: int, names: Sequence[str], majority_sign_method: str = "total"
+    x: torch.Tensor,
+    w: torch.Tensor,
+    density: float,
+    seed: int,
+    names: Sequence[str],
+    majority_sign_method: str = "total",
 ) -> torch.Tensor:
     return disjoint_merge(_dare(x, density, seed, names), w, majority_sign_method)
 

@@ -61,7 +61,9 @@ def hash_u53(key: int, start: int, count: int, device: torch.device | str = "cpu
     return _lsr(x, 11)
 
 
-def keep_mask(shape: Sequence[int], density: float, seed: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+def keep_mask(
+    shape: Sequence[int], density: float, seed: int, name: str, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Boolean DARE keep-mask of ``shape`` for the tensor called ``name``."""
     n = 1
     for s in shape:

@@ -93,7 +93,10 @@ class TritonBackend(KernelBackend):
         scale_offset = torch.zeros(W + 1, dtype=torch.int64)
         torch.cumsum(item_rank, 0, out=scale_offset[1:])
         numel = torch.stack(
-            [item_rank * modules_h[item_module.long(), MODULE["in_features"]], modules_h[item_module.long(), MODULE["out_features"]] * item_rank],
+            [
+                item_rank * modules_h[item_module.long(), MODULE["in_features"]],
+                modules_h[item_module.long(), MODULE["out_features"]] * item_rank,
+            ],
             1,
         )
         ks = items_h[:, [ITEM["k_a"], ITEM["k_b"]]]
@@ -144,7 +147,9 @@ class TritonBackend(KernelBackend):
                 BITS=bits, BLOCK=HIST_BLOCK, ALIGNED=aligned, CAP=cap, CAPTURE=compact and p == 1,
                 FROM_CANDIDATES=compact and p >= 2, **LAUNCH_OPTIONS,
             )  # fmt: skip
-        max_out = int((ranks * torch.maximum(modules_h[:, MODULE["in_features"]], modules_h[:, MODULE["out_features"]])).max())
+        max_out = int(
+            (ranks * torch.maximum(modules_h[:, MODULE["in_features"]], modules_h[:, MODULE["out_features"]])).max()
+        )
         per_module = max(1, min(MAX_PROGRAMS_PER_MATRIX * 4, triton.cdiv(max_out, FUSE_BLOCK)))
         fuse_args = (items, modules, b_scale, scale_offset_d, part_offset_d, partials, state, weights, module_status,
                      float(params.lam))  # fmt: skip

@@ -44,8 +44,20 @@ from .common import (
 
 
 @triton.jit
-def fuse_kernel(items, modules, b_scale, scale_offset, part_offset, partials, state, weights, module_status, lam,
-                FACTOR: tl.constexpr, BLOCK: tl.constexpr):
+def fuse_kernel(
+    items,
+    modules,
+    b_scale,
+    scale_offset,
+    part_offset,
+    partials,
+    state,
+    weights,
+    module_status,
+    lam,
+    FACTOR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     mod = tl.program_id(0)
     rank = tl.load(modules + mod * MOD_COLS + MOD_RANK).to(tl.int32)
     n_in = tl.load(modules + mod * MOD_COLS + MOD_IN).to(tl.int32)

@@ -17,8 +17,17 @@ from .common import MOD_CLAMP_INDEX, MOD_COLS, MOD_FIRST, MOD_IN, MOD_MEMBERS, M
 
 
 @triton.jit
-def weights_kernel(modules, scale_offset, part_offset, partials, raw_scales, scales, weights, RANK_BLOCK: tl.constexpr,
-                   CHUNK: tl.constexpr):
+def weights_kernel(
+    modules,
+    scale_offset,
+    part_offset,
+    partials,
+    raw_scales,
+    scales,
+    weights,
+    RANK_BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     mod = tl.program_id(0)
     rank = tl.load(modules + mod * MOD_COLS + MOD_RANK).to(tl.int32)
     first = tl.load(modules + mod * MOD_COLS + MOD_FIRST).to(tl.int32)

@@ -79,9 +79,23 @@ def _digit(dt, PASS: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def hist_kernel(items, state, hist, arrive, status, cand, cand_count, PASS: tl.constexpr, LAST_PASS: tl.constexpr,
-                BITS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, CAP: tl.constexpr,
-                CAPTURE: tl.constexpr, FROM_CANDIDATES: tl.constexpr):
+def hist_kernel(
+    items,
+    state,
+    hist,
+    arrive,
+    status,
+    cand,
+    cand_count,
+    PASS: tl.constexpr,
+    LAST_PASS: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CAP: tl.constexpr,
+    CAPTURE: tl.constexpr,
+    FROM_CANDIDATES: tl.constexpr,
+):
     """Histogram of digit PASS over the keys of matrix program_id(0) that match its prefix;
     the matrix's last program to finish then fixes the digit (``_select_digit``).
 
@@ -149,8 +163,7 @@ def hist_kernel(items, state, hist, arrive, status, cand, cand_count, PASS: tl.c
 
 
 @triton.jit
-def _select_digit(items, state, hist, status, mat, PASS: tl.constexpr, LAST_PASS: tl.constexpr,
-                  BITS: tl.constexpr):
+def _select_digit(items, state, hist, status, mat, PASS: tl.constexpr, LAST_PASS: tl.constexpr, BITS: tl.constexpr):
     """Fix digit PASS of matrix mat's threshold from its complete histogram."""
     BINS: tl.constexpr = 1 << BITS
     item = mat // 2
