@@ -116,3 +116,10 @@ def pytest_configure(config):
     # pyproject.toml may register it too; add it only when absent, so there is no warning either way.
     if not any(str(line).startswith("slow") for line in config.getini("markers")):
         config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_hash_cache(tmp_path_factory):
+    """The merge record's hash memory (adapter_io/record.py) in a folder of this run, not the
+    user's ~/.cache: tests must not depend on, or leave behind, hashes of earlier runs."""
+    os.environ["ROBUSTMERGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("hash-cache"))

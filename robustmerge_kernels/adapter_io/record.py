@@ -2,21 +2,33 @@
 
 It names every input with the sha256 of its weight files, the method, hyper-parameters,
 backend and library version, so a merged adapter can be traced and reproduced. Hashing
-the inputs costs about as long as merging them, so it runs on a background thread while
-the merge proceeds (hashlib releases the GIL on large reads).
+the inputs costs more than merging them (sha256 runs at about 1 GB/s a core; the merge
+is near memory speed), so it runs on a background thread while the merge proceeds
+(hashlib releases the GIL on large reads), and a file's hash is remembered, keyed by its
+path, size, mtime and inode, as git and make trust them: merging the same inputs again
+(a sweep over lam or density) hashes nothing. Files in a Hugging Face cache are named by
+their sha256 already (LFS blobs) and are not read at all. ROBUSTMERGE_HASH_CACHE=0 turns
+the memory off; ROBUSTMERGE_CACHE_DIR moves it (default ~/.cache/robustmerge_kernels).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .._version import __version__
+from ..jsonfile import write_json
 from .sources import AdapterSource
 
 _CHUNK = 8 << 20
+_SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
+CACHE_FILE = "sha256-v1.json"
+_CACHE_LIMIT = 20_000  # entries kept (the newest), a few MB at most
 
 
 def file_sha256(path: str) -> str:
@@ -27,20 +39,69 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+class HashCache:
+    """sha256 of files already hashed, keyed by (real path, size, mtime_ns, inode)."""
+
+    def __init__(self, folder: str | None = None):
+        enabled = os.environ.get("ROBUSTMERGE_HASH_CACHE", "1").strip() != "0"
+        folder = folder or os.environ.get("ROBUSTMERGE_CACHE_DIR") or os.path.expanduser("~/.cache/robustmerge_kernels")
+        self.path = os.path.join(folder, CACHE_FILE) if enabled else None
+        self._entries: dict[str, str] = {}
+        self._new = False
+        self._lock = threading.Lock()
+        if self.path is not None:
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    data = json.load(f)
+                self._entries = {k: v for k, v in data.items() if isinstance(v, str) and _SHA256_NAME.match(v)}
+            except (OSError, ValueError, AttributeError):
+                self._entries = {}  # absent or unreadable: start afresh, never fail a merge
+
+    def sha256(self, path: str) -> str:
+        real = os.path.realpath(path)
+        name = os.path.basename(real)
+        if os.path.basename(os.path.dirname(real)) == "blobs" and _SHA256_NAME.match(name):
+            return name  # a Hugging Face cache blob is named by its content's sha256
+        st = os.stat(real)
+        key = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is not None:
+            return hit
+        digest = file_sha256(real)
+        with self._lock:
+            self._entries[key] = digest
+            self._new = True
+        return digest
+
+    def save(self) -> None:
+        if self.path is None or not self._new:
+            return
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            entries = dict(list(self._entries.items())[-_CACHE_LIMIT:])
+            write_json(self.path, entries, indent=None)
+        except OSError:
+            pass  # a read-only home or a full disk costs only the next merge's time
+
+
 class InputHashes:
     """sha256 of each file-backed input's files, computed in the background."""
 
-    def __init__(self, sources: list[AdapterSource]):
+    def __init__(self, sources: list[AdapterSource], cache: HashCache | None = None):
+        self._cache = cache or HashCache()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustmerge-sha256")
         self._futures: list[dict[str, Future]] = [
-            {os.path.basename(p): self._pool.submit(file_sha256, p) for p in s.files} for s in sources
+            {os.path.basename(p): self._pool.submit(self._cache.sha256, p) for p in s.files} for s in sources
         ]
 
     def result(self) -> list[dict[str, str]]:
         try:
-            return [{name: f.result() for name, f in futures.items()} for futures in self._futures]
+            out = [{name: f.result() for name, f in futures.items()} for futures in self._futures]
         finally:
             self._pool.shutdown()
+        self._cache.save()
+        return out
 
     def cancel(self) -> None:
         self._pool.shutdown(cancel_futures=True)
