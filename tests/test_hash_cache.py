@@ -71,3 +71,14 @@ def test_the_memory_can_be_turned_off(tmp_path, monkeypatch):
     cache.sha256(str(f))
     cache.save()
     assert not (tmp_path / "cache").exists()
+
+
+def test_record_says_folder_inputs_are_on_disk_and_dicts_in_memory(adapter_dirs, trained_models, tmp_path):
+    from peft import get_peft_model_state_dict
+
+    pair = (get_peft_model_state_dict(trained_models[2]), trained_models[2].peft_config["default"])
+    rk.merge([adapter_dirs[0], adapter_dirs[1], pair], out=str(tmp_path / "m"))
+    inputs = json.loads((tmp_path / "m" / "robustmerge.json").read_text())["inputs"]
+    for entry in inputs[:2]:
+        assert "in_memory" not in entry and "hub" not in entry and entry["sha256"]
+    assert inputs[2]["in_memory"] is True and "sha256" not in inputs[2]

@@ -114,10 +114,10 @@ def build_record(sources: list[AdapterSource], hashes: list[dict[str, str]], rep
         if source.folder is not None:
             entry["folder"] = os.path.abspath(source.folder)
             entry["sha256"] = files
+        else:
+            entry["in_memory"] = True  # a state dict or model: nothing on disk to hash
         if source.hub is not None:  # reproducible from the id and the resolved commit
             entry["hub"] = {"repo_id": source.hub.ref.repo_id, "revision": source.hub.ref.revision,
                             "commit": source.hub.commit, "subfolder": source.hub.ref.subfolder}  # fmt: skip
-        else:
-            entry["in_memory"] = True  # a state dict or model: nothing on disk to hash
         inputs.append(entry)
     return {"library": "robustmerge_kernels", "version": __version__, "inputs": inputs, **report}
