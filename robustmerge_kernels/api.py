@@ -289,11 +289,7 @@ def _write(
                 merged = _produce(run)
                 staged.write_tensors({k: v for k, v in merged.items() if k not in merged.files}, shard_bytes)
             merged.report = _report(run, method, merged, model_config)
-            report = {k: v for k, v in asdict(merged.report).items() if k not in ("seconds", "adapters")}
-            record = build_record(run.sources, hashes.result(), report)
-            finish_adapter(staged, merged, merged.files, merged.config, record)
-            if model_config is not None:  # LLaVA's load_pretrained_model reads it from the folder
-                write_model_config(staged.path(MODEL_CONFIG_NAME), model_config)
+            record = _finish_folder(staged, run, merged, hashes.result(), model_config)
             if push_to_hub is not None:  # the card is part of the folder before it appears
                 staged.write_text(hub.CARD_NAME, hub.model_card(push_to_hub, record))
             path = staged.commit()
@@ -305,6 +301,24 @@ def _write(
     if not keep:
         merged.clear()
     return merged
+
+
+def _finish_folder(
+    staged: StagedAdapter,
+    run: Run,
+    merged: MergedAdapter,
+    hashes: dict[int, dict[str, str]],
+    model_config: ModelConfig | None,
+    **record_extra: Any,
+) -> dict[str, Any]:
+    """Everything beside the weights: other-format tensors, the config, LLaVA's config.json
+    (its load_pretrained_model reads it from the folder) and the merge record, returned."""
+    report = {k: v for k, v in asdict(merged.report).items() if k not in ("seconds", "adapters")}
+    record = build_record(run.sources, hashes, {**report, **record_extra})
+    finish_adapter(staged, merged, merged.files, merged.config, record)
+    if model_config is not None:
+        write_model_config(staged.path(MODEL_CONFIG_NAME), model_config)
+    return record
 
 
 def _named_adapters(model: Any, names: Sequence[str]) -> list[AdapterSource]:
@@ -356,7 +370,7 @@ def _write_distributed(
     if len(set(digests)) != 1:
         bad = next(r for r, d in enumerate(digests) if d != digests[0])
         raise AdapterError(f"rank {bad} planned a different merge than rank 0 (do all ranks see the same input files?)")
-    hashes = _dist.ShareHashes(run.sources, share.sources)
+    hashes = InputHashes(run.sources, share.sources)
     staged = None
     error = None
     try:
@@ -392,12 +406,7 @@ def _write_distributed(
         commit_error = None
         if ranks.rank == 0:
             try:
-                report = {k: v for k, v in asdict(merged.report).items() if k not in ("seconds", "adapters")}
-                report["ranks"] = ranks.world
-                record = build_record(run.sources, [all_hashes[t] for t in range(len(run.sources))], report)
-                finish_adapter(staged, merged, merged.files, merged.config, record)
-                if model_config is not None:
-                    write_model_config(staged.path(MODEL_CONFIG_NAME), model_config)
+                _finish_folder(staged, run, merged, all_hashes, model_config, ranks=ranks.world)
                 staged.commit()
             except BaseException as exc:
                 commit_error = f"rank 0: {exc!r}"

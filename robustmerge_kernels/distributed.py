@@ -19,14 +19,11 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .adapter_io.record import HashCache
-from .adapter_io.sources import AdapterSource
 from .errors import AdapterError
 from .plan import MeanPlan, MergePlan, ModulePlan
 
@@ -130,28 +127,6 @@ def plan_digest(plan: MergePlan) -> str:
     for mean in plan.means:
         h.update(repr((mean.key, mean.shape, mean.members, str(mean.out_dtype), mean.file)).encode())
     return h.hexdigest()
-
-
-class ShareHashes:
-    """sha256 of the files of this rank's inputs, in the background; gathered on rank 0."""
-
-    def __init__(self, sources: list[AdapterSource], mine: list[int]):
-        self._cache = HashCache()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustmerge-sha256")
-        self._futures: dict[int, dict[str, Future]] = {
-            t: {os.path.basename(p): self._pool.submit(self._cache.sha256, p) for p in sources[t].files} for t in mine
-        }
-
-    def result(self) -> dict[int, dict[str, str]]:
-        try:
-            out = {t: {name: f.result() for name, f in futures.items()} for t, futures in self._futures.items()}
-        finally:
-            self._pool.shutdown()
-        self._cache.save()
-        return out
-
-    def cancel(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def all_gather(obj: Any) -> list[Any]:

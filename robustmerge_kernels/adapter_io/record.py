@@ -39,13 +39,24 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-class HashCache:
-    """sha256 of files already hashed, keyed by (real path, size, mtime_ns, inode)."""
+def default_cache_path() -> str | None:
+    """The merge record's hash memory: $ROBUSTMERGE_CACHE_DIR (or ~/.cache/robustmerge_kernels)
+    /sha256-v1.json; None with ROBUSTMERGE_HASH_CACHE=0."""
+    if os.environ.get("ROBUSTMERGE_HASH_CACHE", "1").strip() == "0":
+        return None
+    folder = os.environ.get("ROBUSTMERGE_CACHE_DIR") or os.path.expanduser("~/.cache/robustmerge_kernels")
+    return os.path.join(folder, CACHE_FILE)
 
-    def __init__(self, folder: str | None = None):
-        enabled = os.environ.get("ROBUSTMERGE_HASH_CACHE", "1").strip() != "0"
-        folder = folder or os.environ.get("ROBUSTMERGE_CACHE_DIR") or os.path.expanduser("~/.cache/robustmerge_kernels")
-        self.path = os.path.join(folder, CACHE_FILE) if enabled else None
+
+_DEFAULT = object()
+
+
+class HashCache:
+    """sha256 of files already hashed, keyed by (real path, size, mtime_ns, inode), kept in
+    the JSON file ``path`` (default: :func:`default_cache_path`; None: remember nothing)."""
+
+    def __init__(self, path: Any = _DEFAULT):
+        self.path = default_cache_path() if path is _DEFAULT else path
         self._entries: dict[str, str] = {}
         self._new = False
         self._lock = threading.Lock()
@@ -86,18 +97,20 @@ class HashCache:
 
 
 class InputHashes:
-    """sha256 of each file-backed input's files, computed in the background."""
+    """sha256 of the files of the inputs ``which`` (default: all; a distributed rank hashes
+    its share), computed in the background: ``result()`` maps input index to its files."""
 
-    def __init__(self, sources: list[AdapterSource], cache: HashCache | None = None):
-        self._cache = cache or HashCache()
+    def __init__(self, sources: list[AdapterSource], which: list[int] | None = None):
+        self._cache = HashCache()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustmerge-sha256")
-        self._futures: list[dict[str, Future]] = [
-            {os.path.basename(p): self._pool.submit(self._cache.sha256, p) for p in s.files} for s in sources
-        ]
+        self._futures: dict[int, dict[str, Future]] = {
+            t: {os.path.basename(p): self._pool.submit(self._cache.sha256, p) for p in sources[t].files}
+            for t in (range(len(sources)) if which is None else which)
+        }
 
-    def result(self) -> list[dict[str, str]]:
+    def result(self) -> dict[int, dict[str, str]]:
         try:
-            out = [{name: f.result() for name, f in futures.items()} for futures in self._futures]
+            out = {t: {name: f.result() for name, f in futures.items()} for t, futures in self._futures.items()}
         finally:
             self._pool.shutdown()
         self._cache.save()
@@ -107,9 +120,13 @@ class InputHashes:
         self._pool.shutdown(cancel_futures=True)
 
 
-def build_record(sources: list[AdapterSource], hashes: list[dict[str, str]], report: dict[str, Any]) -> dict[str, Any]:
+def build_record(
+    sources: list[AdapterSource], hashes: dict[int, dict[str, str]], report: dict[str, Any]
+) -> dict[str, Any]:
+    """``hashes``: input index -> {file name: sha256} (InputHashes.result())."""
     inputs = []
-    for source, files in zip(sources, hashes):
+    for t, source in enumerate(sources):
+        files = hashes.get(t, {})
         entry: dict[str, Any] = {"label": source.label}
         if source.folder is not None:
             entry["folder"] = os.path.abspath(source.folder)

@@ -16,28 +16,21 @@ import subprocess
 import sys
 from typing import Any
 
-from ..adapter_io.record import file_sha256
-from ..jsonfile import write_json
+from ..adapter_io.record import HashCache
 
-HASH_CACHE = ".hashes.json"  # in the run folder: (file, size, mtime) -> sha256
+HASH_CACHE = ".hashes.json"  # in the run folder: record.HashCache (file, size, mtime, inode) -> sha256
 
 
 def content_hash(path: str | None, cache_dir: str | None = None) -> str | None:
     """sha256 over a model/adapter folder's files (names and bytes), or of a file; a
     hub id (not on disk) is keyed by its name. Hashes of unchanged files (same size and
-    mtime) are reused from ``cache_dir/.hashes.json``: a 7B model is ~14 GB."""
+    mtime) are reused from ``cache_dir/.hashes.json`` (adapter_io.record.HashCache): a 7B
+    model is ~14 GB."""
     if path is None:
         return None
     if not os.path.exists(path):
         return f"hub:{path}"
-    cache_path = os.path.join(cache_dir, HASH_CACHE) if cache_dir else None
-    cache: dict[str, str] = {}
-    if cache_path and os.path.isfile(cache_path):
-        try:
-            with open(cache_path, encoding="utf-8") as f:
-                cache = json.load(f)
-        except (OSError, ValueError):
-            cache = {}
+    cache = HashCache(os.path.join(cache_dir, HASH_CACHE) if cache_dir else None)
     if os.path.isfile(path):
         files = [(os.path.basename(path), path)]
     else:
@@ -47,16 +40,9 @@ def content_hash(path: str | None, cache_dir: str | None = None) -> str | None:
             files += [(os.path.relpath(os.path.join(root, n), path), os.path.join(root, n))
                       for n in sorted(names) if not n.startswith(".")]  # fmt: skip
     total = hashlib.sha256()
-    changed = False
     for rel, full in sorted(files):
-        st = os.stat(full)
-        key = f"{os.path.abspath(full)}|{st.st_size}|{st.st_mtime_ns}"
-        if key not in cache:
-            cache[key] = file_sha256(full)
-            changed = True
-        total.update(f"{rel}\0{cache[key]}\n".encode())
-    if cache_path and changed:
-        write_json(cache_path, cache, indent=None)
+        total.update(f"{rel}\0{cache.sha256(full)}\n".encode())
+    cache.save()
     return total.hexdigest()
 
 
