@@ -171,9 +171,10 @@ class RobustMergeRun:
         self.plan, self.sources, self.params, self.device, self.progress = plan, sources, params, device, progress
         self.modules, self.means = share if share is not None else (plan.modules, plan.means)
         self.impl: Backend = get_backend(backend, device.type)
+        self.from_files = any(s.path is not None for s in sources)  # in memory, "loading" costs nothing
         if group_bytes is None:
-            group_bytes = FILE_GROUP_BYTES if any(s.path is not None for s in sources) else DEFAULT_GROUP_BYTES
-            if device.type == "cuda" and all(s.path is None for s in sources):
+            group_bytes = FILE_GROUP_BYTES if self.from_files else DEFAULT_GROUP_BYTES
+            if device.type == "cuda" and not self.from_files:
                 # Inputs already resident on the GPU: one group, so one launch sequence and one
                 # synchronisation per merge (the outputs, 1/T of the inputs, are allocated at once).
                 group_bytes = CUDA_RESIDENT_GROUP_BYTES
@@ -205,9 +206,9 @@ class RobustMergeRun:
         bar = progress_bar(len(self.modules), self.progress)
         scan = not getattr(self.impl, "checks_finite", False)  # kernels that see inf/NaN themselves skip a pass
         groups = list(module_groups(self.modules, self.group_bytes))
-        # In-memory inputs cost nothing to "load"; ROBUSTMERGE_PREFETCH=0 reads in line (to measure).
-        from_files = any(s.path is not None for s in self.sources) and os.environ.get(ENV_PREFETCH, "1") != "0"
-        loaded = iter(Prefetcher(lambda g: self._load_group(g, scan), groups, enabled=from_files))
+        # Read ahead from files only; ROBUSTMERGE_PREFETCH=0 reads in line (to measure).
+        prefetch = self.from_files and os.environ.get(ENV_PREFETCH, "1") != "0"
+        loaded = iter(Prefetcher(lambda g: self._load_group(g, scan), groups, enabled=prefetch))
         with closing(loaded):  # on any error, the background read ends before the sources close
             for group, inputs in loaded:
                 results = self._merge_group(inputs)
