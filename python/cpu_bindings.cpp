@@ -10,6 +10,7 @@
 
 #include "robustmerge/robustmerge_cpu.h"
 #include "table_schema.h"
+#include "tensor_exchange.h"
 
 namespace py = pybind11;
 namespace rm = robustmerge;
@@ -81,4 +82,5 @@ PYBIND11_MODULE(_cpu, m) {
     return out;
   }, "Every SIMD path in this build, best first, mapped to whether this CPU supports it.");
   robustmerge_bindings::add_table_schema(m);
+  robustmerge_bindings::add_tensor_exchange(m);  // item tables filled from tensor objects (all backends)
 }

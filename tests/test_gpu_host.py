@@ -1,5 +1,6 @@
-"""Host-side checks of the GPU paths that need no GPU: the plan tables' fast path against
-the per-item path (the CPU backend consumes the same tables), and the host cost of
+"""Host-side checks of the GPU paths that need no GPU: the plan tables' fast paths (the
+DLPack exchange path and the attribute path) against the per-item path (the CPU backend
+consumes the same tables), what makes the exchange path step aside, and the host cost of
 building them for a llava-7b T = 8 plan (3,584 tensors).
 """
 
@@ -45,8 +46,24 @@ def same_tables(x: tables.PlanTables, y: tables.PlanTables) -> None:
         assert t.modules[:, out_cols].tolist() == [[a.data_ptr(), b.data_ptr()] for a, b in t.outputs]
 
 
+HAS_EXCHANGE = hasattr(torch.Tensor, "__dlpack_c_exchange_api__")  # torch >= 2.10
+
+
+@pytest.fixture(params=["exchange", "attributes"])
+def fast_path(request, monkeypatch):
+    """Which fast path _fast_tables takes: the binding reading tensors through torch's DLPack
+    C exchange API, or Python mapping attribute accessors (torch without that API)."""
+    if request.param == "exchange":
+        if not HAS_EXCHANGE:
+            pytest.skip(f"torch {torch.__version__} has no DLPack C exchange API")
+        assert tables._exchange() is not None, "torch has the API: the _cpu extension must be able to use it"
+    else:
+        monkeypatch.setattr(tables, "_exchange", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", range(25))
-def test_fast_tables_equal_checked_tables(seed):
+def test_fast_tables_equal_checked_tables(seed, fast_path):
     group = random_group(seed)
     params = RobustMergeParams(density=random.Random(seed).uniform(0.0, 1.0))
     fast = tables._fast_tables(group, params, torch.device("cpu"))
@@ -55,7 +72,7 @@ def test_fast_tables_equal_checked_tables(seed):
     same_tables(tables.build_tables(group, params, torch.device("cpu")), fast)
 
 
-def test_non_contiguous_input_takes_the_checked_path_with_a_copy():
+def test_non_contiguous_input_takes_the_checked_path_with_a_copy(fast_path):
     group = random_group(3)
     group[0] = g = module_inputs([torch.randn(4, 6) for _ in range(2)], [torch.randn(5, 4) for _ in range(2)])
     x = torch.randn(4, 12)[:, ::2]  # a strided view
@@ -76,7 +93,7 @@ def test_non_contiguous_input_takes_the_checked_path_with_a_copy():
         (lambda g: g.a.__setitem__(0, g.a[0].to("meta")), "expected a tensor on cpu"),
     ],
 )
-def test_bad_inputs_raise_the_checked_paths_errors(spoil, message):
+def test_bad_inputs_raise_the_checked_paths_errors(spoil, message, fast_path):
     group = random_group(5)
     spoil(group[-1])
     with pytest.raises(ValueError, match=message):
@@ -84,13 +101,16 @@ def test_bad_inputs_raise_the_checked_paths_errors(spoil, message):
 
 
 def llava_group(T: int = 8, dtype=torch.bfloat16, device="meta"):
-    """The llava-7b plan (224 modules, rank 16) with T adapters on `device` (meta: no memory)."""
+    """The llava-7b plan (224 modules, rank 16) with T adapters on `device` (meta: no memory;
+    cpu: contiguous views of one small buffer, which the tables never read)."""
     from robustmerge_kernels.demo import synthetic
 
+    shapes = synthetic.module_list("llava-7b")
+    base = torch.empty(16 * max(max(n, m) for _, n, m in shapes), dtype=dtype, device=device)
     group = []
-    for prefix, n, m in synthetic.module_list("llava-7b"):
-        a = [torch.empty(16, n, dtype=dtype, device=device) for _ in range(T)]
-        b = [torch.empty(m, 16, dtype=dtype, device=device) for _ in range(T)]
+    for prefix, n, m in shapes:
+        a = [base[: 16 * n].view(16, n) for _ in range(T)]
+        b = [base[: 16 * m].view(m, 16) for _ in range(T)]
         group.append(module_inputs(a, b, name=prefix))
     return group
 
@@ -111,14 +131,128 @@ def python_calls(fn) -> int:
     return calls
 
 
-def test_llava_plan_tables_take_the_whole_group_path():
-    """llava-7b T = 8 (3,584 tensors) takes the fast path, whose Python work grows with the
-    modules (224), not the tensors: the per-tensor checks run in C (map over accessors).
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_llava_plan_tables_take_the_whole_group_path(device, fast_path):
+    """llava-7b T = 8 (3,584 tensors) takes a fast path, whose Python work grows with the
+    modules (224), not the tensors: the per-tensor checks run in C (the binding through the
+    DLPack exchange API, or map over accessors; meta tensors always take the latter).
     Its time is measured by benchmarks/host_cost.py (a timing assert would be flaky here)."""
-    group = llava_group()
-    params, device = RobustMergeParams(), torch.device("meta")
+    group = llava_group(device=device)
+    params, dev = RobustMergeParams(), torch.device(device)
     n_tensors = sum(len(g.a) + len(g.b) for g in group)
-    assert n_tensors == 3584 and tables._fast_tables(group, params, device) is not None
-    fast = python_calls(lambda: tables.build_tables(group, params, device))
-    checked = python_calls(lambda: tables._checked_tables(group, params, device))
+    assert n_tensors == 3584 and tables._fast_tables(group, params, dev) is not None
+    fast = python_calls(lambda: tables.build_tables(group, params, dev))
+    checked = python_calls(lambda: tables._checked_tables(group, params, dev))
     assert fast < n_tensors / 4 < checked, (fast, checked)
+
+
+# ---- the DLPack exchange path: what it takes, what it leaves to the checked path
+
+needs_exchange = pytest.mark.skipif(not HAS_EXCHANGE, reason="torch without the DLPack C exchange API")
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def _exchange_only(group, params=None, device="cpu"):
+    """_fast_tables on the exchange path; the exchange path must be the one available."""
+    assert tables._exchange() is not None
+    return tables._fast_tables(group, params or RobustMergeParams(), torch.device(device))
+
+
+@needs_exchange
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda x: x.as_subclass(_Sub), id="tensor-subclass"),
+        pytest.param(lambda x: x.t().contiguous().t(), id="transposed"),
+        pytest.param(lambda x: torch.randn(x.shape[0], 2 * x.shape[1])[:, ::2], id="strided"),
+        pytest.param(lambda x: x.double(), id="float64-input"),
+        pytest.param(lambda x: x.to(torch.int16), id="int16"),
+        pytest.param(lambda x: x.reshape(-1), id="one-dimensional"),
+        pytest.param(lambda x: x.unsqueeze(0), id="three-dimensional"),
+        pytest.param(lambda x: x[:, :-1].contiguous(), id="wrong-shape"),
+        pytest.param(lambda x: x.to("meta"), id="other-device"),
+    ],
+)
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_exchange_path_leaves_what_it_cannot_take_to_the_checked_path(spoil, which):
+    group = random_group(11)
+    g = group[len(group) // 2] = module_inputs(
+        [torch.randn(4, 6) for _ in range(3)], [torch.randn(5, 4) for _ in range(3)]
+    )
+    getattr(g, which)[-1] = spoil(getattr(g, which)[-1])
+    assert _exchange_only(group) is None
+
+
+@needs_exchange
+def test_exchange_path_takes_parameters_offset_views_and_size_one_strides():
+    """Accepted as torch accepts them: Parameters needing grad, views into a larger storage
+    (the address is the view's, not the storage's), size-1 dimensions whatever their stride."""
+    params = RobustMergeParams()
+    storage = torch.randn(1000)
+    a0 = storage[100:160].view(4, 15)  # storage offset 100
+    a1 = torch.nn.Parameter(torch.randn(4, 15))
+    b_row = torch.randn(9, 1).t()  # shape (1, 9), strides (1, 1): contiguous by torch's rule
+    assert b_row.is_contiguous() and b_row.stride() == (1, 1)
+    g1 = module_inputs([a0, a1], [torch.randn(7, 4), torch.randn(7, 4)], name="m0")
+    g2 = module_inputs([torch.randn(9, 3)], [b_row.reshape(1, 9).t().t()], name="m1")  # B (1, 9): rank 9
+    group = [g1, g2]
+    t = _exchange_only(group, params)
+    assert t is not None
+    assert t.items[:, tables.ITEM["a"]].tolist() == [a0.data_ptr(), a1.data_ptr(), g2.a[0].data_ptr()]
+    assert a0.data_ptr() == storage.data_ptr() + 100 * 4
+    same_tables(t, tables._checked_tables(group, params, torch.device("cpu")))
+
+
+@needs_exchange
+def test_fill_tables_refuses_tables_that_do_not_match_the_lists():
+    group = random_group(2)
+    t = _exchange_only(group)
+    ext, capsule, types = tables._exchange()
+    a_lists, b_lists = [list(g.a) for g in group], [list(g.b) for g in group]
+    outs_a, outs_b = [o[0] for o in t.outputs], [o[1] for o in t.outputs]
+    k = torch.zeros(len(group), 2, dtype=torch.int64)
+    items = torch.empty_like(t.items)
+    args = (t.modules.data_ptr(), len(group), k.data_ptr(), items.data_ptr(), t.n_items, 1, 0, capsule, types)
+    assert ext.fill_tables(a_lists, b_lists, outs_a, outs_b, *args) == -1
+    assert torch.equal(items[:, :4], t.items[:, :4])
+    with pytest.raises(ValueError, match="one list entry per module"):
+        ext.fill_tables(a_lists[:-1], b_lists, outs_a, outs_b, *args)
+    a_lists[0] = a_lists[0][:-1]  # a module's list shorter than its members column
+    with pytest.raises(ValueError, match="does not match its table row"):
+        ext.fill_tables(a_lists, b_lists, outs_a, outs_b, *args)
+    with pytest.raises(ValueError, match="covers fewer items"):
+        ext.fill_tables([list(g.a) for g in group], b_lists, outs_a, outs_b, *args[:4], t.n_items + 1, *args[5:])
+    with pytest.raises(ValueError, match="PyCapsule_GetPointer"):
+        ext.fill_tables(a_lists, b_lists, outs_a, outs_b, *args[:7], object(), types)
+
+
+@needs_exchange
+def test_output_of_the_wrong_dtype_is_refused():
+    group = random_group(4)
+    t = _exchange_only(group)
+    ext, capsule, types = tables._exchange()
+    outs_a = [o[0] for o in t.outputs]
+    outs_b = [o[1].to(torch.float64 if o[1].dtype != torch.float64 else torch.float32) for o in t.outputs]
+    items = torch.empty_like(t.items)
+    k = torch.zeros(len(group), 2, dtype=torch.int64)
+    failed = ext.fill_tables(
+        [list(g.a) for g in group], [list(g.b) for g in group], outs_a, outs_b, t.modules.data_ptr(), len(group),
+        k.data_ptr(), items.data_ptr(), t.n_items, 1, 0, capsule, types,
+    )  # fmt: skip
+    assert failed == 2 * t.n_items + 1  # the first module's B output, after every input
+
+
+def test_no_exchange_api_means_the_attribute_path(monkeypatch):
+    monkeypatch.delattr(torch.Tensor, "__dlpack_c_exchange_api__", raising=False)
+    tables._exchange.cache_clear()
+    try:
+        assert tables._exchange() is None
+        group = random_group(7)
+        same_tables(tables.build_tables(group, RobustMergeParams(), torch.device("cpu")),
+                    tables._checked_tables(group, RobustMergeParams(), torch.device("cpu")))  # fmt: skip
+    finally:
+        monkeypatch.undo()
+        tables._exchange.cache_clear()

@@ -100,8 +100,9 @@ class CudaBackend(KernelBackend):
             ws_bytes = ext.workspace_size(items, tables.n_items, b_scale, modules, len(group))
             workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=device)  # torch's caching allocator
             n_scales = sum(g.plan.rank * len(g.plan.members) for g in group)
-            status = torch.zeros(tables.n_items, dtype=torch.int32, device=device)
-            module_status = torch.zeros(len(group), dtype=torch.int32, device=device)
+            # Item and module statuses share one buffer: one memset, one copy back.
+            flags = torch.zeros(tables.n_items + len(group), dtype=torch.int32, device=device)
+            status, module_status = flags[: tables.n_items], flags[tables.n_items :]
             tau = torch.zeros((tables.n_items, 2), dtype=torch.int32, device=device) if details else None
             scales = torch.zeros(n_scales, dtype=torch.float64, device=device) if details else None
             stream = torch.cuda.current_stream(device)
@@ -112,8 +113,9 @@ class CudaBackend(KernelBackend):
             )  # fmt: skip
             # .cpu() runs on the current stream, after the kernels: the one synchronisation.
             # The workspace is freed (returned to torch's cache) after that, on this stream.
-            status_host, module_status_host = status.cpu(), module_status.cpu()
+            flags_host = flags.cpu()
             del workspace
+        status_host, module_status_host = flags_host[: tables.n_items], flags_host[tables.n_items :]
         ok = not bool(status_host.any())
         raise_kernel_status(group, tables, ok, status_host, module_status_host)
         if not details:

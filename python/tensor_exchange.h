@@ -1,0 +1,182 @@
+// Filling the plan tables from the tensors themselves at C speed, through the DLPack C exchange
+// API (DLPack >= 1.3; torch >= 2.10 publishes it as torch.Tensor.__dlpack_c_exchange_api__).
+//
+// Why: tabling a llava-7b T = 8 group from Python reads five attributes of each of 3,584
+// tensors (shape, dtype, device, contiguity, address), ~4 ms of host time per merge. The
+// exchange API's dltensor_from_py_object_no_sync fills a DLTensor (address, device, dtype,
+// shape, strides) for a tensor object with one C call, no allocation and no reference count,
+// and it is a published ABI, so this stays free of libtorch: one build serves any torch that
+// has the API (robustmerge_kernels/backends/tables.py falls back to Python where it does not).
+//
+// The structs below are declared from the DLPack specification's ABI (dlpack.h, v1.x); only
+// the fields read here are typed. Anything this fast path does not take (another tensor type,
+// device, dtype, shape, a non-contiguous layout, a conversion error) makes it return the
+// position of that tensor, and the Python layer redoes the group on its checked path, which
+// copies or names the error.
+#pragma once
+
+#include <Python.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "robustmerge/dtype.h"
+#include "robustmerge/plan_tables.h"
+
+namespace robustmerge_bindings {
+namespace dlpack {
+
+struct Version {
+  uint32_t major, minor;
+};
+struct Device {
+  int32_t device_type, device_id;  // kDLCPU = 1, kDLCUDA = 2
+};
+struct DataType {
+  uint8_t code, bits;  // code: kDLFloat = 2, kDLBfloat = 4
+  uint16_t lanes;
+};
+struct Tensor {
+  void* data;
+  Device device;
+  int32_t ndim;
+  DataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // null: compact row-major
+  uint64_t byte_offset;
+};
+struct ExchangeHeader {
+  Version version;
+  ExchangeHeader* prev_api;
+};
+struct ExchangeAPI {
+  ExchangeHeader header;
+  void* managed_tensor_allocator;
+  void* managed_tensor_from_py_object_no_sync;
+  void* managed_tensor_to_py_object_no_sync;
+  int (*dltensor_from_py_object_no_sync)(void* py_object, Tensor* out);  // may be null
+  void* current_work_stream;
+};
+
+constexpr const char* kCapsuleName = "dlpack_exchange_api";
+constexpr uint8_t kFloat = 2, kBfloat = 4;
+
+// The API table behind `capsule`, or an exception saying why it cannot be used.
+inline const ExchangeAPI* exchange_api(pybind11::handle capsule) {
+  void* p = PyCapsule_GetPointer(capsule.ptr(), kCapsuleName);
+  if (!p) throw pybind11::error_already_set();
+  const ExchangeAPI* api = static_cast<const ExchangeAPI*>(p);
+  if (api->header.version.major != 1)
+    throw std::invalid_argument("DLPack exchange API of major version " + std::to_string(api->header.version.major) +
+                                ", this build reads version 1");
+  if (!api->dltensor_from_py_object_no_sync)
+    throw std::invalid_argument("the DLPack exchange API has no dltensor_from_py_object_no_sync");
+  return api;
+}
+
+// Kernel dtype code of a DLPack dtype (float64 only where `f64_ok`: an output type), or -1.
+inline int32_t kernel_dtype(DataType t, bool f64_ok = false) {
+  if (t.lanes != 1) return -1;
+  if (f64_ok && t.code == kFloat && t.bits == 64) return robustmerge::kF64;
+  if (t.code == kFloat && t.bits == 32) return robustmerge::kF32;
+  if (t.code == kFloat && t.bits == 16) return robustmerge::kF16;
+  if (t.code == kBfloat && t.bits == 16) return robustmerge::kBF16;
+  return -1;
+}
+
+// torch's is_contiguous for a rows x cols tensor: strides of size-1 dimensions do not count.
+inline bool contiguous_2d(const Tensor& t) {
+  if (!t.strides) return true;
+  const int64_t rows = t.shape[0], cols = t.shape[1];
+  if (rows == 0 || cols == 0) return true;
+  return (cols == 1 || t.strides[1] == 1) && (rows == 1 || t.strides[0] == cols);
+}
+
+}  // namespace dlpack
+
+// Fill the tables of one group from its tensors. `modules` (int64 [n_modules, kModCols]) comes
+// with every column but out_a / out_b set; `k_table` (int64 [n_modules, 2]) holds (k_a, k_b)
+// per module; `items` (int64 [n_items, kItemCols]) is filled whole. a_lists[m] / b_lists[m]
+// hold module m's A / B tensors, out_a[m] / out_b[m] its outputs. Every tensor must be of one
+// of `types` exactly (a subclass may keep its data elsewhere), on (device_type, device_id),
+// contiguous, of a kernel dtype (outputs: the module's out_dtype), shaped (rank, in_features)
+// for A and (out_features, rank) for B. Returns -1 when all are, else the flat position of
+// the first that is not (A inputs first, then B inputs, then outputs); the tables are then
+// incomplete and must not be used.
+inline int64_t fill_tables(pybind11::list a_lists, pybind11::list b_lists, pybind11::list out_a,
+                           pybind11::list out_b, uintptr_t modules, int64_t n_modules, uintptr_t k_table,
+                           uintptr_t items, int64_t n_items, int32_t device_type, int32_t device_id,
+                           pybind11::handle api_capsule, pybind11::tuple types) {
+  namespace rm = robustmerge;
+  const dlpack::ExchangeAPI* api = dlpack::exchange_api(api_capsule);
+  int64_t* mod = reinterpret_cast<int64_t*>(modules);
+  const int64_t* ks = reinterpret_cast<const int64_t*>(k_table);
+  int64_t* out = reinterpret_cast<int64_t*>(items);
+  if (n_modules < 0 || n_items < 0 || (n_modules > 0 && (!mod || !ks)) || (n_items > 0 && !out))
+    throw std::invalid_argument("fill_tables: bad table arguments");
+  for (pybind11::list l : {a_lists, b_lists, out_a, out_b})
+    if (PyList_GET_SIZE(l.ptr()) != n_modules)
+      throw std::invalid_argument("fill_tables: one list entry per module expected");
+  const Py_ssize_t n_types = PyTuple_GET_SIZE(types.ptr());
+
+  // One tensor's address and dtype code, or false when the fast path cannot take it.
+  auto take = [&](PyObject* obj, int64_t rows, int64_t cols, bool output, int64_t* address, int64_t* dtype) {
+    bool type_ok = false;
+    for (Py_ssize_t i = 0; i < n_types && !type_ok; ++i)
+      type_ok = reinterpret_cast<PyObject*>(Py_TYPE(obj)) == PyTuple_GET_ITEM(types.ptr(), i);
+    if (!type_ok) return false;
+    dlpack::Tensor t;
+    if (api->dltensor_from_py_object_no_sync(obj, &t) != 0) {
+      PyErr_Clear();  // the checked path will report whatever is wrong with this tensor
+      return false;
+    }
+    const int32_t code = dlpack::kernel_dtype(t.dtype, output);
+    if (t.device.device_type != device_type || t.device.device_id != device_id || code < 0 || t.ndim != 2 ||
+        t.shape[0] != rows || t.shape[1] != cols || !dlpack::contiguous_2d(t) || !t.data)
+      return false;
+    if (output && code != *dtype) return false;  // outputs: must be of the module's out_dtype
+    *address = int64_t(reinterpret_cast<uintptr_t>(t.data) + uintptr_t(t.byte_offset));
+    *dtype = code;
+    return true;
+  };
+
+  int64_t row = 0, a_pos = 0, b_pos = n_items, out_pos = 2 * n_items;
+  for (int64_t m = 0; m < n_modules; ++m, out_pos += 2) {
+    int64_t* md = mod + m * rm::kModCols;
+    const int64_t rank = md[rm::kModRank], in = md[rm::kModIn], out_f = md[rm::kModOut];
+    const int64_t members = md[rm::kModMembers];
+    PyObject* a = PyList_GET_ITEM(a_lists.ptr(), m);
+    PyObject* b = PyList_GET_ITEM(b_lists.ptr(), m);
+    if (!PyList_Check(a) || !PyList_Check(b) || PyList_GET_SIZE(a) != members || PyList_GET_SIZE(b) != members ||
+        md[rm::kModFirst] != row || members < 0 || row + members > n_items)
+      throw std::invalid_argument("fill_tables: module " + std::to_string(m) + " does not match its table row");
+    for (int64_t j = 0; j < members; ++j, ++row, ++a_pos, ++b_pos) {
+      int64_t* r = out + row * rm::kItemCols;
+      if (!take(PyList_GET_ITEM(a, j), rank, in, false, &r[rm::kItemA], &r[rm::kItemADtype])) return a_pos;
+      if (!take(PyList_GET_ITEM(b, j), out_f, rank, false, &r[rm::kItemB], &r[rm::kItemBDtype])) return b_pos;
+      r[rm::kItemKA] = ks[2 * m];
+      r[rm::kItemKB] = ks[2 * m + 1];
+    }
+    int64_t dtype_a = md[rm::kModOutDtype], dtype_b = md[rm::kModOutDtype];
+    if (!take(PyList_GET_ITEM(out_a.ptr(), m), rank, in, true, &md[rm::kModOutA], &dtype_a)) return out_pos;
+    if (!take(PyList_GET_ITEM(out_b.ptr(), m), out_f, rank, true, &md[rm::kModOutB], &dtype_b)) return out_pos + 1;
+  }
+  if (row != n_items) throw std::invalid_argument("fill_tables: the module table covers fewer items than n_items");
+  return -1;
+}
+
+inline void add_tensor_exchange(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("fill_tables", &fill_tables, py::arg("a_lists"), py::arg("b_lists"), py::arg("out_a"), py::arg("out_b"),
+        py::arg("modules"), py::arg("n_modules"), py::arg("k_table"), py::arg("items"), py::arg("n_items"),
+        py::arg("device_type"), py::arg("device_id"), py::arg("api"), py::arg("types"),
+        "Fill a group's item table and output addresses from its tensors through the DLPack C exchange API; "
+        "-1, or the flat position (A inputs, B inputs, outputs) of the first tensor the fast path does not take.");
+  m.def("check_exchange_api", [](py::handle capsule) {
+    const dlpack::ExchangeAPI* api = dlpack::exchange_api(capsule);
+    return py::make_tuple(api->header.version.major, api->header.version.minor);
+  }, py::arg("api"), "(major, minor) of a usable DLPack exchange API capsule; raises if it cannot be used.");
+}
+
+}  // namespace robustmerge_bindings
