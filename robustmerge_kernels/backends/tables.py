@@ -108,8 +108,8 @@ def _module_rows(group: list[ModuleInputs], params: RobustMergeParams, device: t
     rows, outputs, first = [], [], 0
     for g in group:
         p = g.plan
-        out_a = torch.empty((p.rank, p.in_features), dtype=p.out_dtype, device=device)
-        out_b = torch.empty((p.out_features, p.rank), dtype=p.out_dtype, device=device)
+        out_a = torch.empty(p.rank, p.in_features, dtype=p.out_dtype, device=device)
+        out_b = torch.empty(p.out_features, p.rank, dtype=p.out_dtype, device=device)
         outputs.append((out_a, out_b))
         clamp_index = min(int(p.rank * params.clamp_quantile), p.rank - 1)
         rows.append([
@@ -184,9 +184,9 @@ def _exchange_tables(group, params, device, members, exchange, dl_device) -> Pla
     here, against ~1.3 us for the attribute reads of the path below)."""
     ext, capsule, types = exchange
     plans = [g.plan for g in group]
-    empty = torch.empty
-    out_a = [empty((p.rank, p.in_features), dtype=p.out_dtype, device=device) for p in plans]
-    out_b = [empty((p.out_features, p.rank), dtype=p.out_dtype, device=device) for p in plans]
+    empty = torch.empty  # sizes as separate ints: torch parses them faster than a tuple (~0.7 vs 1.1 us here)
+    out_a = [empty(p.rank, p.in_features, dtype=p.out_dtype, device=device) for p in plans]
+    out_b = [empty(p.out_features, p.rank, dtype=p.out_dtype, device=device) for p in plans]
     static, ks, first = [], [], 0
     quantile, density = params.clamp_quantile, params.density
     for p, n in zip(plans, members):

@@ -22,6 +22,7 @@ a GPU. float64 modules take the reference path, as in the CPU backend.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -123,11 +124,18 @@ class TritonBackend(KernelBackend):
         compact = passes > 2  # only float32 keys have digits after pass 1
         cap = CANDIDATES_PER_MATRIX if compact else 1
         cand = torch.empty((2 * W if compact else 1) * cap, dtype=torch.int32, device=device)
-        cand_count = torch.zeros(2 * W if compact else 1, dtype=torch.int32, device=device)
-        hist = torch.zeros((passes, 2 * W, 1 << bits), dtype=torch.int32, device=device)
-        arrive = torch.zeros((passes, 2 * W), dtype=torch.int32, device=device)  # programs done, per pass
-        status = torch.zeros(2 * W, dtype=torch.int32, device=device)
-        module_status = torch.zeros(M, dtype=torch.int32, device=device)
+        # Every zero-initialised int32 array in one buffer: one allocation, one memset. Each
+        # part starts 16-byte aligned (pointer arguments keep Triton's aligned specialisation);
+        # the statuses come first and together, so one copy brings them back.
+        zeroed = _Int32Parts(
+            status=(2 * W,),
+            module_status=(M,),
+            cand_count=(2 * W if compact else 1,),
+            hist=(passes, 2 * W, 1 << bits),
+            arrive=(passes, 2 * W),  # programs done, per pass
+        ).zeros(device)
+        status, module_status, cand_count = zeroed["status"], zeroed["module_status"], zeroed["cand_count"]
+        hist, arrive = zeroed["hist"], zeroed["arrive"]
         raw_scales = torch.empty(n_scales, dtype=torch.float64, device=device)
         # Row-sum partials of the A fusion: per item, rank x ceil(in_features / FUSE_BLOCK) (total, kept).
         chunks = (modules_h[:, MODULE["in_features"]] + FUSE_BLOCK - 1) // FUSE_BLOCK
@@ -160,10 +168,39 @@ class TritonBackend(KernelBackend):
         )  # fmt: skip
         k.fuse_kernel[(M, per_module)](*fuse_args, FACTOR=1, BLOCK=FUSE_BLOCK, **LAUNCH_OPTIONS)
 
-        status = status.cpu().view(W, 2)
+        flags = zeroed.leading(["status", "module_status"]).cpu()  # the one synchronisation
+        status, module_status = flags[: 2 * W].view(W, 2), flags[zeroed.offset("module_status") :][:M]
         item_status = status[:, 0] | (status[:, 1] << 1)
-        raise_kernel_status(group, tables, not bool(item_status.any()), item_status, module_status.cpu())
+        raise_kernel_status(group, tables, not bool(item_status.any()), item_status, module_status)
         if not details:
             return tables.outputs, None
         tau = state.cpu()[:, 0].reshape(W, 2).contiguous()
         return tables.outputs, unpack_details(group, tau, scales.cpu())
+
+
+class _Int32Parts:
+    """Named int32 arrays laid out in one buffer, each starting on a 16-byte boundary."""
+
+    def __init__(self, **shapes: tuple[int, ...]):
+        self.shapes, self.offsets, end = shapes, {}, 0
+        for name, shape in shapes.items():
+            self.offsets[name] = end
+            end += -(-math.prod(shape) // 4) * 4  # whole 16-byte units
+        self.size = end
+
+    def zeros(self, device: torch.device) -> _Int32Parts:
+        self.buffer = torch.zeros(self.size, dtype=torch.int32, device=device)
+        return self
+
+    def offset(self, name: str) -> int:
+        return self.offsets[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        start = self.offsets[name]
+        return self.buffer[start : start + math.prod(self.shapes[name])].view(self.shapes[name])
+
+    def leading(self, names: list[str]) -> torch.Tensor:
+        """The buffer from its start to the end of the last of ``names`` (laid out first)."""
+        assert list(self.shapes)[: len(names)] == names
+        last = names[-1]
+        return self.buffer[: self.offsets[last] + math.prod(self.shapes[last])]
