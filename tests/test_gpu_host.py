@@ -6,6 +6,7 @@ building them for a llava-7b T = 8 plan (3,584 tensors).
 
 from __future__ import annotations
 
+import ctypes
 import random
 import sys
 
@@ -256,3 +257,23 @@ def test_no_exchange_api_means_the_attribute_path(monkeypatch):
     finally:
         monkeypatch.undo()
         tables._exchange.cache_clear()
+
+
+@needs_exchange
+def test_exchange_api_is_dropped_when_its_reads_differ_from_torch(monkeypatch):
+    """The one-time self-check: a binding that read other addresses than torch reports
+    (an exchange API laid out differently) leaves the attribute path in charge."""
+    ext, capsule, types = tables._exchange()
+
+    class Shifted:  # the binding, reading every address 16 bytes off
+        def __getattr__(self, name):
+            return getattr(ext, name)
+
+        def fill_tables(self, *args):
+            failed = ext.fill_tables(*args)
+            items = torch.frombuffer((ctypes.c_int64 * 6).from_address(args[7]), dtype=torch.int64)
+            items[0] += 16
+            return failed
+
+    assert tables._exchange_reads_like_torch((ext, capsule, types))
+    assert not tables._exchange_reads_like_torch((Shifted(), capsule, types))

@@ -154,7 +154,26 @@ def _exchange() -> tuple[ModuleType, Any, tuple[type, ...]] | None:
     except (BackendUnavailable, ValueError, TypeError):
         return None
     # Exact types only: a subclass may keep its data elsewhere than a plain tensor does.
-    return ext, capsule, (torch.Tensor, torch.nn.Parameter)
+    exchange = ext, capsule, (torch.Tensor, torch.nn.Parameter)
+    return exchange if _exchange_reads_like_torch(exchange) else None
+
+
+def _exchange_reads_like_torch(exchange) -> bool:
+    """Whether the binding reads what torch reports for a small known module (addresses,
+    dtype codes): a torch whose exchange API differed from the layout the binding declares
+    would be caught here, once, and the attribute path used instead."""
+    ext, capsule, types = exchange
+    a, b = torch.empty(20)[5:].view(3, 5), torch.empty(4, 3, dtype=torch.bfloat16)  # a: at a storage offset
+    out_a, out_b = torch.empty(3, 5, dtype=torch.float64), torch.empty(4, 3, dtype=torch.float64)
+    modules = torch.tensor([[3, 5, 4, 0, 1, 0, 0, OUT_DTYPES[torch.float64], 0]], dtype=torch.int64)
+    k_table, items = torch.tensor([[7, 9]], dtype=torch.int64), torch.zeros(1, len(ITEM_COLUMNS), dtype=torch.int64)
+    failed = ext.fill_tables(
+        [[a]], [[b]], [out_a], [out_b], modules.data_ptr(), 1, k_table.data_ptr(), items.data_ptr(), 1, 1, 0,
+        capsule, types,
+    )  # fmt: skip
+    expected = [a.data_ptr(), b.data_ptr(), KERNEL_DTYPES[a.dtype], KERNEL_DTYPES[b.dtype], 7, 9]
+    outs = modules[0, [MODULE["out_a"], MODULE["out_b"]]].tolist()
+    return failed == -1 and items[0].tolist() == expected and outs == [out_a.data_ptr(), out_b.data_ptr()]
 
 
 def _dlpack_device(device: torch.device) -> tuple[int, int] | None:
