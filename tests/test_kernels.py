@@ -125,6 +125,30 @@ def test_float64_modules_use_the_reference_path(backend):
     assert out[1][0].dtype == torch.float32 and out[1][0].device.type == backend.device.type
 
 
+@pytest.mark.parametrize("with_float64", [False, True])
+def test_kernel_calls_per_group(backend, monkeypatch, with_float64):
+    """A group of kernel types is one kernel call (no per-tensor dtype pre-check); a float64
+    module makes the tables refuse before any kernel runs, and the rest goes in a second call."""
+    calls = []
+    run_kernel = backend.impl._run_kernel
+
+    def counted(group, params, details):
+        calls.append(len(group))
+        return run_kernel(group, params, details)
+
+    monkeypatch.setattr(backend.impl, "_run_kernel", counted)
+    a, b = random_module(1, T=2, r=4, n=10, m=6, dtype=torch.float64 if with_float64 else torch.bfloat16)
+    a32, b32 = random_module(2, T=2, r=4, n=10, m=6, dtype=torch.float32)
+    group = [backend.inputs(a32, b32), backend.inputs(a, b), backend.inputs(a32, b32)]
+    det = backend.impl.run(group, RobustMergeParams(), details=True)
+    assert calls == ([3, 2] if with_float64 else [3])
+    assert len(det.tau_a) == (4 if with_float64 else 6)  # thresholds of the kernel modules' items
+    for pos, (x, y) in ((1, (a, b)), (0, (a32, b32))):
+        ref = robustmerge_module(x, y, RobustMergeParams())
+        tol = TOLERANCES[ref.a.dtype]
+        torch.testing.assert_close(det.outputs[pos][0].cpu(), ref.a, rtol=tol.rtol, atol=tol.atol)
+
+
 # Examples per backend: Triton's interpreter takes ~0.1-1 s per example.
 def _property_examples(backend) -> int:
     return 25 if backend.interpreted else 120

@@ -103,9 +103,18 @@ class KernelBackend:
     def run(self, group: list[ModuleInputs], params: RobustMergeParams, details: bool = False) -> KernelDetails:
         """Merge a group; with ``details`` also return the kernel's thresholds and scales."""
         from ..reference import robustmerge_module
-        from .tables import kernel_supported
+        from .tables import KernelDtypeError, kernel_supported
 
         result = KernelDetails([None] * len(group), [], [], [])
+        try:  # the usual case, every input of a kernel type: the tables check that, in C
+            outputs, kernel_details = self._run_kernel(group, params, details)
+        except KernelDtypeError:  # raised before any kernel runs: split the group
+            pass
+        else:
+            result.outputs = list(outputs)
+            if details:
+                result.tau_a, result.tau_b, result.scales = kernel_details
+            return result
         kernel = []
         for pos, g in enumerate(group):
             if kernel_supported(g):

@@ -77,11 +77,15 @@ def kernel_supported(g: ModuleInputs) -> bool:
     return all(x.dtype in KERNEL_DTYPES for x in (*g.a, *g.b))
 
 
+class KernelDtypeError(ValueError):
+    """An input of a type the kernels do not read (float64): its module goes elsewhere."""
+
+
 def _check_input(x: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
+    if x.dtype not in KERNEL_DTYPES:  # first: such a module goes to the reference, wherever it is
+        raise KernelDtypeError(f"kernels cannot read {x.dtype} for {what}")
     if x.device != device:
         raise ValueError(f"expected a tensor on {device} for {what}, got {x.device}")
-    if x.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"kernels cannot read {x.dtype} for {what}")
     return x.contiguous()
 
 
