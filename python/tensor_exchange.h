@@ -18,8 +18,10 @@
 #include <Python.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
 #include "robustmerge/dtype.h"
 #include "robustmerge/plan_tables.h"
@@ -95,33 +97,73 @@ inline bool contiguous_2d(const Tensor& t) {
 
 }  // namespace dlpack
 
-// Fill the tables of one group from its tensors. `modules` (int64 [n_modules, kModCols]) comes
-// with every column but out_a / out_b set; `k_table` (int64 [n_modules, 2]) holds (k_a, k_b)
-// per module; `items` (int64 [n_items, kItemCols]) is filled whole. a_lists[m] / b_lists[m]
-// hold module m's A / B tensors, out_a[m] / out_b[m] its outputs. Every tensor must be of one
-// of `types` exactly (a subclass may keep its data elsewhere), on (device_type, device_id),
-// contiguous, of a kernel dtype (outputs: the module's out_dtype), shaped (rank, in_features)
-// for A and (out_features, rank) for B. Returns -1 when all are, else the flat position of
-// the first that is not (A inputs first, then B inputs, then outputs); the tables are then
-// incomplete and must not be used.
-inline int64_t fill_tables(pybind11::list a_lists, pybind11::list b_lists, pybind11::list out_a,
-                           pybind11::list out_b, uintptr_t modules, int64_t n_modules, uintptr_t k_table,
-                           uintptr_t items, int64_t n_items, int32_t device_type, int32_t device_id,
+// A Python int attribute of `obj` (a new reference is taken and released here).
+inline int64_t int_attr(PyObject* obj, PyObject* name) {
+  PyObject* v = PyObject_GetAttr(obj, name);
+  if (!v) throw pybind11::error_already_set();
+  const long long x = PyLong_AsLongLong(v);
+  Py_DECREF(v);
+  if (x == -1 && PyErr_Occurred()) throw pybind11::error_already_set();
+  return int64_t(x);
+}
+
+// An attribute that must be a list or tuple, as a new reference.
+inline PyObject* sequence_attr(PyObject* obj, PyObject* name) {
+  PyObject* v = PyObject_GetAttr(obj, name);
+  if (!v) throw pybind11::error_already_set();
+  if (!PyList_Check(v) && !PyTuple_Check(v)) {
+    Py_DECREF(v);
+    throw std::invalid_argument("fill_tables: expected a list or tuple attribute");
+  }
+  return v;
+}
+
+// RAII for the new references above.
+struct Ref {
+  PyObject* p;
+  ~Ref() { Py_XDECREF(p); }
+};
+
+// Fill all tables of one group of modules (robustmerge_kernels/backends/tables.py,
+// _exchange_tables) from its ModuleInputs objects: the module table (int64 [n_modules,
+// kModCols]), the item table (int64 [n_items, kItemCols]) and b_scale (float64 [n_items]).
+// Per module it reads plan.rank / in_features / out_features / members / b_scale /
+// out_dtype (code from `out_codes`, a dict torch.dtype -> code) and the A / B tensors of
+// g.a / g.b; out_a[m] / out_b[m] are its allocated outputs. k and the clamp index use the
+// exact float64 arithmetic of reference.prune_count and tables._module_rows (tests compare).
+// Every tensor must be of one of `types` exactly (a subclass may keep its data elsewhere), on
+// (device_type, device_id), contiguous, of a kernel dtype (outputs: the module's out_dtype),
+// shaped (rank, in_features) for A and (out_features, rank) for B, and every module's
+// lists as long as its members. Returns -1 when all are, else the flat position of the first
+// tensor that is not (A inputs first, then B inputs, then outputs; a module whose lists do
+// not match its plan gives its first A's position); the tables are then incomplete and must
+// not be used.
+inline int64_t fill_tables(pybind11::list group, pybind11::list out_a, pybind11::list out_b, uintptr_t modules,
+                           int64_t n_modules, uintptr_t items, int64_t n_items, uintptr_t b_scale, double density,
+                           double clamp_quantile, pybind11::dict out_codes, int32_t device_type, int32_t device_id,
                            pybind11::handle api_capsule, pybind11::tuple types) {
   namespace rm = robustmerge;
   const dlpack::ExchangeAPI* api = dlpack::exchange_api(api_capsule);
   int64_t* mod = reinterpret_cast<int64_t*>(modules);
-  const int64_t* ks = reinterpret_cast<const int64_t*>(k_table);
   int64_t* out = reinterpret_cast<int64_t*>(items);
-  if (n_modules < 0 || n_items < 0 || (n_modules > 0 && (!mod || !ks)) || (n_items > 0 && !out))
+  double* scale_out = reinterpret_cast<double*>(b_scale);
+  if (n_modules < 0 || n_items < 0 || (n_modules > 0 && !mod) || (n_items > 0 && (!out || !scale_out)))
     throw std::invalid_argument("fill_tables: bad table arguments");
-  for (pybind11::list l : {a_lists, b_lists, out_a, out_b})
-    if (PyList_GET_SIZE(l.ptr()) != n_modules)
-      throw std::invalid_argument("fill_tables: one list entry per module expected");
+  for (pybind11::list l : {group, out_a, out_b})
+    if (PyList_GET_SIZE(l.ptr()) != n_modules) throw std::invalid_argument("fill_tables: one entry per module expected");
   const Py_ssize_t n_types = PyTuple_GET_SIZE(types.ptr());
+  static PyObject* const s_plan = PyUnicode_InternFromString("plan");
+  static PyObject* const s_a = PyUnicode_InternFromString("a");
+  static PyObject* const s_b = PyUnicode_InternFromString("b");
+  static PyObject* const s_rank = PyUnicode_InternFromString("rank");
+  static PyObject* const s_in = PyUnicode_InternFromString("in_features");
+  static PyObject* const s_out = PyUnicode_InternFromString("out_features");
+  static PyObject* const s_members = PyUnicode_InternFromString("members");
+  static PyObject* const s_scale = PyUnicode_InternFromString("b_scale");
+  static PyObject* const s_dtype = PyUnicode_InternFromString("out_dtype");
 
   // One tensor's address and dtype code, or false when the fast path cannot take it.
-  auto take = [&](PyObject* obj, int64_t rows, int64_t cols, bool output, int64_t* address, int64_t* dtype) {
+  auto take = [&](PyObject* obj, int64_t rows, int64_t cols, int32_t want_code, int64_t* address, int64_t* dtype) {
     bool type_ok = false;
     for (Py_ssize_t i = 0; i < n_types && !type_ok; ++i)
       type_ok = reinterpret_cast<PyObject*>(Py_TYPE(obj)) == PyTuple_GET_ITEM(types.ptr(), i);
@@ -131,48 +173,73 @@ inline int64_t fill_tables(pybind11::list a_lists, pybind11::list b_lists, pybin
       PyErr_Clear();  // the checked path will report whatever is wrong with this tensor
       return false;
     }
-    const int32_t code = dlpack::kernel_dtype(t.dtype, output);
+    const int32_t code = dlpack::kernel_dtype(t.dtype, want_code >= 0);
     if (t.device.device_type != device_type || t.device.device_id != device_id || code < 0 || t.ndim != 2 ||
         t.shape[0] != rows || t.shape[1] != cols || !dlpack::contiguous_2d(t) || !t.data)
       return false;
-    if (output && code != *dtype) return false;  // outputs: must be of the module's out_dtype
+    if (want_code >= 0 && code != want_code) return false;  // outputs: of the module's out_dtype
     *address = int64_t(reinterpret_cast<uintptr_t>(t.data) + uintptr_t(t.byte_offset));
-    *dtype = code;
+    if (dtype) *dtype = code;
     return true;
   };
 
   int64_t row = 0, a_pos = 0, b_pos = n_items, out_pos = 2 * n_items;
   for (int64_t m = 0; m < n_modules; ++m, out_pos += 2) {
-    int64_t* md = mod + m * rm::kModCols;
-    const int64_t rank = md[rm::kModRank], in = md[rm::kModIn], out_f = md[rm::kModOut];
-    const int64_t members = md[rm::kModMembers];
-    PyObject* a = PyList_GET_ITEM(a_lists.ptr(), m);
-    PyObject* b = PyList_GET_ITEM(b_lists.ptr(), m);
-    if (!PyList_Check(a) || !PyList_Check(b) || PyList_GET_SIZE(a) != members || PyList_GET_SIZE(b) != members ||
-        md[rm::kModFirst] != row || members < 0 || row + members > n_items)
-      throw std::invalid_argument("fill_tables: module " + std::to_string(m) + " does not match its table row");
-    for (int64_t j = 0; j < members; ++j, ++row, ++a_pos, ++b_pos) {
-      int64_t* r = out + row * rm::kItemCols;
-      if (!take(PyList_GET_ITEM(a, j), rank, in, false, &r[rm::kItemA], &r[rm::kItemADtype])) return a_pos;
-      if (!take(PyList_GET_ITEM(b, j), out_f, rank, false, &r[rm::kItemB], &r[rm::kItemBDtype])) return b_pos;
-      r[rm::kItemKA] = ks[2 * m];
-      r[rm::kItemKB] = ks[2 * m + 1];
+    PyObject* g = PyList_GET_ITEM(group.ptr(), m);
+    Ref plan{PyObject_GetAttr(g, s_plan)};
+    if (!plan.p) throw pybind11::error_already_set();
+    const int64_t rank = int_attr(plan.p, s_rank), in = int_attr(plan.p, s_in), out_f = int_attr(plan.p, s_out);
+    Ref members{sequence_attr(plan.p, s_members)}, scales{sequence_attr(plan.p, s_scale)};
+    Ref a{sequence_attr(g, s_a)}, b{sequence_attr(g, s_b)}, dtype{PyObject_GetAttr(plan.p, s_dtype)};
+    if (!dtype.p) throw pybind11::error_already_set();
+    PyObject* code_obj = PyDict_GetItemWithError(out_codes.ptr(), dtype.p);  // borrowed
+    if (!code_obj) {
+      if (PyErr_Occurred()) throw pybind11::error_already_set();
+      throw std::invalid_argument("fill_tables: module " + std::to_string(m) + " has an out_dtype without a code");
     }
-    int64_t dtype_a = md[rm::kModOutDtype], dtype_b = md[rm::kModOutDtype];
-    if (!take(PyList_GET_ITEM(out_a.ptr(), m), rank, in, true, &md[rm::kModOutA], &dtype_a)) return out_pos;
-    if (!take(PyList_GET_ITEM(out_b.ptr(), m), out_f, rank, true, &md[rm::kModOutB], &dtype_b)) return out_pos + 1;
+    const int32_t out_code = int32_t(PyLong_AsLong(code_obj));
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(members.p);
+    if (rank < 1 || in < 1 || out_f < 1 || PySequence_Fast_GET_SIZE(scales.p) != n ||
+        PySequence_Fast_GET_SIZE(a.p) != n || PySequence_Fast_GET_SIZE(b.p) != n || row + n > n_items)
+      return a_pos;  // the checked path names what does not match
+
+    int64_t* md = mod + m * rm::kModCols;
+    md[rm::kModRank] = rank;
+    md[rm::kModIn] = in;
+    md[rm::kModOut] = out_f;
+    md[rm::kModFirst] = row;
+    md[rm::kModMembers] = n;
+    md[rm::kModOutDtype] = out_code;
+    // min(int(rank * clamp_quantile), rank - 1) and int(numel * (1.0 - density)), as in Python.
+    md[rm::kModClampIndex] = std::min(int64_t(double(rank) * clamp_quantile), rank - 1);
+    const int64_t k_a = int64_t(double(rank * in) * (1.0 - density));
+    const int64_t k_b = int64_t(double(out_f * rank) * (1.0 - density));
+    for (Py_ssize_t j = 0; j < n; ++j, ++row, ++a_pos, ++b_pos) {
+      int64_t* r = out + row * rm::kItemCols;
+      if (!take(PySequence_Fast_GET_ITEM(a.p, j), rank, in, -1, &r[rm::kItemA], &r[rm::kItemADtype])) return a_pos;
+      if (!take(PySequence_Fast_GET_ITEM(b.p, j), out_f, rank, -1, &r[rm::kItemB], &r[rm::kItemBDtype])) return b_pos;
+      r[rm::kItemKA] = k_a;
+      r[rm::kItemKB] = k_b;
+      const double sc = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(scales.p, j));
+      if (sc == -1.0 && PyErr_Occurred()) throw pybind11::error_already_set();
+      scale_out[row] = sc;
+    }
+    if (!take(PyList_GET_ITEM(out_a.ptr(), m), rank, in, out_code, &md[rm::kModOutA], nullptr)) return out_pos;
+    if (!take(PyList_GET_ITEM(out_b.ptr(), m), out_f, rank, out_code, &md[rm::kModOutB], nullptr)) return out_pos + 1;
   }
-  if (row != n_items) throw std::invalid_argument("fill_tables: the module table covers fewer items than n_items");
+  if (row != n_items) throw std::invalid_argument("fill_tables: the modules hold fewer items than n_items");
   return -1;
 }
 
 inline void add_tensor_exchange(pybind11::module_& m) {
   namespace py = pybind11;
-  m.def("fill_tables", &fill_tables, py::arg("a_lists"), py::arg("b_lists"), py::arg("out_a"), py::arg("out_b"),
-        py::arg("modules"), py::arg("n_modules"), py::arg("k_table"), py::arg("items"), py::arg("n_items"),
-        py::arg("device_type"), py::arg("device_id"), py::arg("api"), py::arg("types"),
-        "Fill a group's item table and output addresses from its tensors through the DLPack C exchange API; "
-        "-1, or the flat position (A inputs, B inputs, outputs) of the first tensor the fast path does not take.");
+  m.def("fill_tables", &fill_tables, py::arg("group"), py::arg("out_a"), py::arg("out_b"), py::arg("modules"),
+        py::arg("n_modules"), py::arg("items"), py::arg("n_items"), py::arg("b_scale"), py::arg("density"),
+        py::arg("clamp_quantile"), py::arg("out_codes"), py::arg("device_type"), py::arg("device_id"),
+        py::arg("api"), py::arg("types"),
+        "Fill a group's module, item and b_scale tables from its ModuleInputs through the DLPack C exchange "
+        "API; -1, or the flat position (A inputs, B inputs, outputs) of the first tensor the fast path does "
+        "not take.");
   m.def("check_exchange_api", [](py::handle capsule) {
     const dlpack::ExchangeAPI* api = dlpack::exchange_api(capsule);
     return py::make_tuple(api->header.version.major, api->header.version.minor);

@@ -207,43 +207,68 @@ def test_exchange_path_takes_parameters_offset_views_and_size_one_strides():
     same_tables(t, tables._checked_tables(group, params, torch.device("cpu")))
 
 
-@needs_exchange
-def test_fill_tables_refuses_tables_that_do_not_match_the_lists():
-    group = random_group(2)
-    t = _exchange_only(group)
-    ext, capsule, types = tables._exchange()
-    a_lists, b_lists = [list(g.a) for g in group], [list(g.b) for g in group]
-    outs_a, outs_b = [o[0] for o in t.outputs], [o[1] for o in t.outputs]
-    k = torch.zeros(len(group), 2, dtype=torch.int64)
-    items = torch.empty_like(t.items)
-    args = (t.modules.data_ptr(), len(group), k.data_ptr(), items.data_ptr(), t.n_items, 1, 0, capsule, types)
-    assert ext.fill_tables(a_lists, b_lists, outs_a, outs_b, *args) == -1
-    assert torch.equal(items[:, :4], t.items[:, :4])
-    with pytest.raises(ValueError, match="one list entry per module"):
-        ext.fill_tables(a_lists[:-1], b_lists, outs_a, outs_b, *args)
-    a_lists[0] = a_lists[0][:-1]  # a module's list shorter than its members column
-    with pytest.raises(ValueError, match="does not match its table row"):
-        ext.fill_tables(a_lists, b_lists, outs_a, outs_b, *args)
-    with pytest.raises(ValueError, match="covers fewer items"):
-        ext.fill_tables([list(g.a) for g in group], b_lists, outs_a, outs_b, *args[:4], t.n_items + 1, *args[5:])
-    with pytest.raises(ValueError, match="PyCapsule_GetPointer"):
-        ext.fill_tables(a_lists, b_lists, outs_a, outs_b, *args[:7], object(), types)
-
-
-@needs_exchange
-def test_output_of_the_wrong_dtype_is_refused():
-    group = random_group(4)
-    t = _exchange_only(group)
-    ext, capsule, types = tables._exchange()
-    outs_a = [o[0] for o in t.outputs]
-    outs_b = [o[1].to(torch.float64 if o[1].dtype != torch.float64 else torch.float32) for o in t.outputs]
-    items = torch.empty_like(t.items)
-    k = torch.zeros(len(group), 2, dtype=torch.int64)
-    failed = ext.fill_tables(
-        [list(g.a) for g in group], [list(g.b) for g in group], outs_a, outs_b, t.modules.data_ptr(), len(group),
-        k.data_ptr(), items.data_ptr(), t.n_items, 1, 0, capsule, types,
+def _fill(group, outs_a=None, outs_b=None, n_items=None, capsule=None, codes=None):
+    """ext.fill_tables on fresh tables for `group` -> (result, modules, items, b_scale)."""
+    ext, api, types = tables._exchange()
+    plans = [g.plan for g in group]
+    outs_a = outs_a if outs_a is not None else [torch.empty(p.rank, p.in_features, dtype=p.out_dtype) for p in plans]
+    outs_b = outs_b if outs_b is not None else [torch.empty(p.out_features, p.rank, dtype=p.out_dtype) for p in plans]
+    W = sum(len(p.members) for p in plans) if n_items is None else n_items
+    modules = torch.zeros(len(group), len(tables.MODULE_COLUMNS), dtype=torch.int64)
+    items, b_scale = torch.zeros(W, len(tables.ITEM_COLUMNS), dtype=torch.int64), torch.zeros(W, dtype=torch.float64)
+    result = ext.fill_tables(
+        group, outs_a, outs_b, modules.data_ptr(), len(group), items.data_ptr(), W, b_scale.data_ptr(), 0.2, 0.8,
+        codes if codes is not None else tables.OUT_DTYPES, 1, 0, capsule if capsule is not None else api, types,
     )  # fmt: skip
-    assert failed == 2 * t.n_items + 1  # the first module's B output, after every input
+    return result, modules, items, b_scale
+
+
+@needs_exchange
+def test_fill_tables_refuses_arguments_that_do_not_match():
+    group = random_group(2)
+    assert _fill(group)[0] == -1
+    with pytest.raises(ValueError, match="one entry per module"):
+        _fill(group, outs_a=[])
+    with pytest.raises(ValueError, match="fewer items than n_items"):
+        _fill(group, n_items=sum(len(g.a) for g in group) + 1)
+    with pytest.raises(ValueError, match="PyCapsule_GetPointer"):
+        _fill(group, capsule=object())
+    with pytest.raises(ValueError, match="out_dtype without a code"):
+        _fill(group, codes={})
+
+
+@needs_exchange
+def test_fill_tables_positions_of_what_it_does_not_take():
+    """-1, or the flat position (A inputs, then B inputs, then outputs) of the first tensor
+    the fast path leaves to the checked path."""
+    group = random_group(4)
+    W = sum(len(g.a) for g in group)
+    first_of = [sum(len(g.a) for g in group[:m]) for m in range(len(group))]
+    last = len(group) - 1
+    group[last].a.pop()  # the last module's A list shorter than its members: its first A position
+    assert _fill(group, n_items=W)[0] == first_of[last]
+    group = random_group(4)
+    group[last].b[0] = torch.randn(group[last].plan.out_features + 1, group[last].plan.rank)  # not the planned shape
+    assert _fill(group)[0] == W + first_of[last]
+    group = random_group(4)
+    wrong = [torch.empty(g.plan.out_features, g.plan.rank, dtype=torch.int32) for g in group]  # no output dtype
+    assert _fill(group, outs_b=wrong)[0] == 2 * W + 1  # the first module's B output
+
+
+@needs_exchange
+@pytest.mark.parametrize("density", [1e-12, 0.05, 0.1, 0.2, 1 / 3, 0.5, 0.7, 0.9, 1 - 1e-12, 1.0])
+@pytest.mark.parametrize("clamp_quantile", [0.0, 0.1, 0.8, 0.999, 1.0])
+def test_exchange_k_and_clamp_index_match_python_arithmetic(density, clamp_quantile):
+    """The binding computes k and the clamp index itself; they must equal prune_count and
+    the checked path's min(int(rank * q), rank - 1) exactly."""
+    shapes = [(1, 1, 1), (3, 7, 5), (16, 4096, 11008), (7, 333, 1), (64, 999, 1001), (5, 10, 10)]
+    group = [
+        module_inputs([torch.randn(r, n)], [torch.randn(m, r)], name=f"m{i}") for i, (r, n, m) in enumerate(shapes)
+    ]
+    params = RobustMergeParams(density=density, clamp_quantile=clamp_quantile)
+    fast = _exchange_only(group, params)
+    assert fast is not None
+    same_tables(fast, tables._checked_tables(group, params, torch.device("cpu")))
 
 
 def test_no_exchange_api_means_the_attribute_path(monkeypatch):
@@ -269,10 +294,10 @@ def test_exchange_api_is_dropped_when_its_reads_differ_from_torch(monkeypatch):
         def __getattr__(self, name):
             return getattr(ext, name)
 
-        def fill_tables(self, *args):
-            failed = ext.fill_tables(*args)
-            items = torch.frombuffer((ctypes.c_int64 * 6).from_address(args[7]), dtype=torch.int64)
-            items[0] += 16
+        def fill_tables(self, group, out_a, out_b, modules, n_modules, items, *rest):
+            failed = ext.fill_tables(group, out_a, out_b, modules, n_modules, items, *rest)
+            row = torch.frombuffer((ctypes.c_int64 * 6).from_address(items), dtype=torch.int64)
+            row[0] += 16
             return failed
 
     assert tables._exchange_reads_like_torch((ext, capsule, types))
