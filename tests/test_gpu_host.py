@@ -302,3 +302,22 @@ def test_exchange_api_is_dropped_when_its_reads_differ_from_torch(monkeypatch):
 
     assert tables._exchange_reads_like_torch((ext, capsule, types))
     assert not tables._exchange_reads_like_torch((Shifted(), capsule, types))
+
+
+@needs_exchange
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("seed", range(5))
+def test_exchange_path_reads_cuda_tensors(seed):
+    """On a GPU: CUDA tensors are read as kDLCUDA on their device, the tables equal the
+    checked path's, and one CPU tensor in a CUDA group sends it to the checked path."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert tables._dlpack_device(device) == ((10 if torch.version.hip else 2), device.index)
+    group = random_group(seed)
+    for g in group:
+        g.a[:], g.b[:] = [x.to(device) for x in g.a], [x.to(device) for x in g.b]
+    params = RobustMergeParams()
+    fast = _exchange_only(group, params, device)
+    assert fast is not None and all(o.device == device for pair in fast.outputs for o in pair)
+    same_tables(fast, tables._checked_tables(group, params, device))
+    group[0].b[0] = group[0].b[0].cpu()
+    assert _exchange_only(group, params, device) is None
