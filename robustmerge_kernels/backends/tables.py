@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..params import RobustMergeParams
+from ..plan import ModulePlan
 from ..reference import prune_count
 from .base import BackendUnavailable, ModuleInputs, NonFiniteInput, OutputOverflow, load_extension
 
@@ -166,8 +167,6 @@ def _exchange_reads_like_torch(exchange) -> bool:
     """Whether the binding reads what torch reports for a small known module (addresses,
     dtype codes, shapes): a torch whose exchange API differed from the layout the binding
     declares would be caught here, once, and the attribute path used instead."""
-    from ..plan import ModulePlan  # plan imports the backends package: not at module load
-
     a, b = torch.empty(20)[5:].view(3, 5), torch.empty(4, 3, dtype=torch.bfloat16)  # a: at a storage offset
     plan = ModulePlan("m", "m.a", "m.b", 3, 5, 4, (0,), ("a",), ("b",), (0.5,), torch.float64, 0)
     group = [ModuleInputs(plan, [a], [b])]
@@ -199,12 +198,21 @@ def _fast_tables(group: list[ModuleInputs], params: RobustMergeParams, device: t
     """The tables from whole-group passes, or None when some tensor needs the checked path
     (wrong device, dtype or shape, not contiguous, or of a tensor subclass)."""
     members = [len(g.plan.members) for g in group]
+    exchange, dl_device = _exchange(), _dlpack_device(device)
+    if exchange is not None and dl_device is not None:  # the binding checks the list lengths itself
+        return _exchange_tables(group, params, device, members, exchange, dl_device)
     if any(not len(g.a) == len(g.b) == len(g.plan.b_scale) == n for g, n in zip(group, members)):
         return None
-    exchange, dl_device = _exchange(), _dlpack_device(device)
-    if exchange is None or dl_device is None:
-        return _attribute_tables(group, params, device, members)
-    return _exchange_tables(group, params, device, members, exchange, dl_device)
+    return _attribute_tables(group, params, device, members)
+
+
+def allocate_outputs(plans: list[ModulePlan], device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each module's merged A and B, uninitialised, one storage each (so safetensors and
+    CUDA IPC treat them as ordinary tensors)."""
+    empty = torch.empty  # sizes as separate ints: torch parses them faster than a tuple (~0.7 vs 1.1 us here)
+    out_a = [empty(p.rank, p.in_features, dtype=p.out_dtype, device=device) for p in plans]
+    out_b = [empty(p.out_features, p.rank, dtype=p.out_dtype, device=device) for p in plans]
+    return out_a, out_b
 
 
 def _exchange_tables(group, params, device, members, exchange, dl_device) -> PlanTables | None:
@@ -212,10 +220,7 @@ def _exchange_tables(group, params, device, members, exchange, dl_device) -> Pla
     outputs, the binding reads the plans and every tensor (about 80 ns per tensor here,
     against ~1.3 us for the attribute reads of the path below) and fills all tables."""
     ext, capsule, types = exchange
-    empty = torch.empty  # sizes as separate ints: torch parses them faster than a tuple (~0.7 vs 1.1 us here)
-    plans = [g.plan for g in group]
-    out_a = [empty(p.rank, p.in_features, dtype=p.out_dtype, device=device) for p in plans]
-    out_b = [empty(p.out_features, p.rank, dtype=p.out_dtype, device=device) for p in plans]
+    out_a, out_b = allocate_outputs([g.plan for g in group], device)
     W = sum(members)
     modules = torch.empty((len(group), len(MODULE_COLUMNS)), dtype=torch.int64)
     items = torch.empty((W, len(ITEM_COLUMNS)), dtype=torch.int64)
@@ -232,7 +237,7 @@ def _exchange_tables(group, params, device, members, exchange, dl_device) -> Pla
         b_scale=b_scale,
         outputs=list(zip(out_a, out_b)),
         members=members,
-        keep_alive=[x for g in group for x in (g.a, g.b)],  # the lists holding the tabled inputs
+        keep_alive=list(group),  # holding the lists that hold the tabled inputs
     )
 
 
