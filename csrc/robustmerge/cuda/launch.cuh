@@ -1,5 +1,6 @@
 // Host driver of the CUDA kernels (kernels.cuh): validation of the HOST copies of the plan
-// tables, the workspace layout, one upload, four launches and copies of the results, all
+// tables, the workspace layout, one upload, the launches (select: 1 + the split passes, see
+// select.cuh; fuse_a, weights, fuse_b) and copies of the results, all
 // enqueued on the caller's stream. Nothing here synchronises the host with the device
 // (except the brief staging copy of the pageable host tables that cudaMemcpyAsync does),
 // so the caller reads the status array after the stream's work (torch does so on .cpu()).
@@ -130,14 +131,26 @@ class Layout {
   size_t size_ = 0;
 };
 
-// Derived tables and the workspace layout of validated tables `t`.
+inline void check_split_elems(int64_t split_elems) {
+  if (split_elems < 0)
+    throw std::invalid_argument("robustmerge cuda kernel: split_elems must be >= 0 (0 splits every matrix), got " +
+                                std::to_string(split_elems));
+}
+
+// Derived tables and the workspace layout of validated tables `t`; matrices of more than
+// `split_elems` keys take the split selection (select.cuh).
 struct HostPlan {
   std::vector<int64_t> item_module, scale_offset, part_offset, tile_first_a, tile_first_b;
-  int64_t W = 0, M = 0, S = 0, P = 0;
-  size_t o_items, o_modules, o_bscale, o_item_module, o_scale_offset, o_part_offset, o_tiles_a, o_tiles_b, upload;
-  size_t o_tau, o_scales, o_lo, o_weights, o_partials, o_status, o_overflow, o_flag, total;
+  std::vector<int64_t> split_mat, split_first{0};  // split matrices (2 * item + is_b), their first blocks
+  int64_t W = 0, M = 0, S = 0, P = 0, split_elems = kDefaultSplitElems;
+  int split_passes = 0;  // selection launches of the split path: 0 (none), 2 (16-bit only), 3
+  size_t o_items, o_modules, o_bscale, o_item_module, o_scale_offset, o_part_offset, o_tiles_a, o_tiles_b;
+  size_t o_split_mat, o_split_first, upload;
+  size_t o_tau, o_scales, o_lo, o_weights, o_partials, o_status, o_overflow, o_flag;
+  size_t o_split_hist, o_split_arrive, o_split_state, total;
 
-  explicit HostPlan(const MergeTables& t) : W(t.n_items), M(t.n_modules) {
+  HostPlan(const MergeTables& t, int64_t split_elems_) : W(t.n_items), M(t.n_modules), split_elems(split_elems_) {
+    check_split_elems(split_elems);
     item_module.resize(W);
     scale_offset.assign(W + 1, 0);
     part_offset.assign(W + 1, 0);
@@ -154,7 +167,20 @@ struct HostPlan {
       tile_first_a[m + 1] = tile_first_a[m] + tiles_a(r, md[kModIn]);
       tile_first_b[m + 1] = tile_first_b[m] + tiles_b(r, md[kModOut]);
     }
-    S = scale_offset[W];
+    for (int64_t i = 0; i < W; ++i) {
+      const int64_t* it = t.items + i * kItemCols;
+      const int64_t* md = t.modules + item_module[i] * kModCols;
+      for (int f = 0; f < 2; ++f) {
+        const int64_t n = f ? md[kModOut] * md[kModRank] : md[kModRank] * md[kModIn];
+        if (!split_matrix(n, split_elems)) continue;
+        split_mat.push_back(2 * i + f);
+        split_first.push_back(split_first.back() + split_blocks(n));
+        const int passes = it[f ? kItemBDtype : kItemADtype] == kF32 ? 3 : 2;
+        if (passes > split_passes) split_passes = passes;
+      }
+    }
+    if (2 * W + n_split_blocks() > INT32_MAX)
+      throw std::invalid_argument("robustmerge cuda kernel: the selection needs more than 2^31 - 1 blocks");    S = scale_offset[W];
     P = part_offset[W];
     Layout lay;
     o_items = lay.add(sizeof(int64_t) * W * kItemCols);
@@ -165,6 +191,8 @@ struct HostPlan {
     o_part_offset = lay.add(sizeof(int64_t) * (W + 1));
     o_tiles_a = lay.add(sizeof(int64_t) * (M + 1));
     o_tiles_b = lay.add(sizeof(int64_t) * (M + 1));
+    o_split_mat = lay.add(sizeof(int64_t) * split_mat.size());
+    o_split_first = lay.add(sizeof(int64_t) * split_first.size());
     upload = lay.size();
     o_tau = lay.add(sizeof(uint32_t) * 2 * W);
     o_scales = lay.add(sizeof(double) * S);
@@ -174,7 +202,21 @@ struct HostPlan {
     o_status = lay.add(sizeof(int32_t) * W);
     o_overflow = lay.add(sizeof(int32_t) * M);
     o_flag = lay.add(sizeof(int32_t));
+    // Split scratch, zeroed by the launcher's memset with the rest; one slot per pass, none reused.
+    o_split_hist = lay.add(sizeof(uint32_t) * n_split() * kSplitPasses * kBins);
+    o_split_arrive = lay.add(sizeof(uint32_t) * n_split() * kSplitPasses);
+    o_split_state = lay.add(sizeof(SplitState) * n_split() * kSplitPasses);
     total = lay.size();
+  }
+
+  int64_t n_split() const { return int64_t(split_mat.size()); }
+  int64_t n_split_blocks() const { return split_first.back(); }
+  // Blocks of each selection launch: the one-block path (2 * W) and the split blocks' pass 0,
+  // then one launch per further digit of the split matrices.
+  std::vector<int64_t> select_grids() const {
+    std::vector<int64_t> grids{2 * W + n_split_blocks()};
+    for (int pass = 1; pass < split_passes; ++pass) grids.push_back(n_split_blocks());
+    return grids;
   }
 
   int64_t n_tiles_a() const { return tile_first_a[M]; }
@@ -190,6 +232,8 @@ struct HostPlan {
     std::memcpy(host.data() + o_part_offset, part_offset.data(), sizeof(int64_t) * (W + 1));
     std::memcpy(host.data() + o_tiles_a, tile_first_a.data(), sizeof(int64_t) * (M + 1));
     std::memcpy(host.data() + o_tiles_b, tile_first_b.data(), sizeof(int64_t) * (M + 1));
+    if (n_split()) std::memcpy(host.data() + o_split_mat, split_mat.data(), sizeof(int64_t) * split_mat.size());
+    std::memcpy(host.data() + o_split_first, split_first.data(), sizeof(int64_t) * split_first.size());
     return host;
   }
 
@@ -203,7 +247,15 @@ struct HostPlan {
     p.part_offset = reinterpret_cast<const int64_t*>(ws + o_part_offset);
     p.tile_first_a = reinterpret_cast<const int64_t*>(ws + o_tiles_a);
     p.tile_first_b = reinterpret_cast<const int64_t*>(ws + o_tiles_b);
+    p.n_items = W;
     p.n_modules = M;
+    p.split_elems = split_elems;
+    p.split_mat = reinterpret_cast<const int64_t*>(ws + o_split_mat);
+    p.split_first = reinterpret_cast<const int64_t*>(ws + o_split_first);
+    p.n_split = n_split();
+    p.split_hist = reinterpret_cast<uint32_t*>(ws + o_split_hist);
+    p.split_arrive = reinterpret_cast<uint32_t*>(ws + o_split_arrive);
+    p.split_state = reinterpret_cast<SplitState*>(ws + o_split_state);
     p.tau = reinterpret_cast<uint32_t*>(ws + o_tau);
     p.scales = reinterpret_cast<double*>(ws + o_scales);
     p.lo = reinterpret_cast<double*>(ws + o_lo);
@@ -222,9 +274,11 @@ struct HostPlan {
 // `ws` / `ws_bytes`: a device workspace of at least HostPlan(t).total bytes (its content
 // does not matter), or null to allocate one stream-ordered here. `check_addresses`: ask
 // the driver where every table address lives (callers that checked their tensors skip it).
+// `split_elems`: matrices with more keys are selected by several blocks (select.cuh).
 inline void robustmerge_cuda(const MergeTables& t, int device, cudaStream_t stream, const Outputs& out,
-                             unsigned char* ws = nullptr, size_t ws_bytes = 0, bool check_addresses = true) {
-  const HostPlan hp(t);
+                             unsigned char* ws = nullptr, size_t ws_bytes = 0, bool check_addresses = true,
+                             int64_t split_elems = kDefaultSplitElems) {
+  const HostPlan hp(t, split_elems);
   if (ws && ws_bytes < hp.total)
     throw std::invalid_argument("robustmerge cuda kernel: workspace of " + std::to_string(ws_bytes) +
                                 " bytes, the plan needs " + std::to_string(hp.total));
@@ -271,8 +325,11 @@ inline void robustmerge_cuda(const MergeTables& t, int device, cudaStream_t stre
     check(cudaMemcpyAsync(ws, host.data(), hp.upload, cudaMemcpyHostToDevice, stream), "upload of the plan tables");
     check(cudaMemsetAsync(ws + hp.upload, 0, hp.total - hp.upload, stream), "cudaMemsetAsync");
     const DevicePlan p = hp.device_plan(ws, static_cast<float>(t.lam));
-    select_kernel<<<unsigned(2 * W), kSelectThreads, 0, stream>>>(p);
-    check(cudaGetLastError(), "select_kernel launch");
+    const std::vector<int64_t> grids = hp.select_grids();
+    for (size_t pass = 0; pass < grids.size(); ++pass) {  // the stream orders the passes
+      select_kernel<<<unsigned(grids[pass]), kSelectThreads, 0, stream>>>(p, int(pass));
+      check(cudaGetLastError(), "select_kernel launch");
+    }
     fuse_a_kernel<<<unsigned(hp.n_tiles_a()), kFuseThreads, 0, stream>>>(p);
     check(cudaGetLastError(), "fuse_a_kernel launch");
     weights_kernel<<<unsigned(M), kWeightThreads, 0, stream>>>(p);
