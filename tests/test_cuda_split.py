@@ -187,10 +187,27 @@ def test_binding_rejects_a_negative_threshold():
 SPLITS = {"forced": 0, "mid": 40000, "never": NEVER}
 
 
+class _SpyExt:
+    """The extension, recording the split_elems each robustmerge() call receives (the last
+    positional argument cuda.py passes), so a test knows which threshold reached the kernels."""
+
+    def __init__(self, ext):
+        self._ext, self.splits = ext, []
+
+    def __getattr__(self, name):
+        return getattr(self._ext, name)
+
+    def robustmerge(self, *args):
+        self.splits.append(args[-1])
+        return self._ext.robustmerge(*args)
+
+
 def _cuda(split):
     from robustmerge_kernels.backends.cuda import CudaBackend
 
-    return BackendUnderTest("cuda", CudaBackend(split_elems=split), torch.device("cuda"))
+    impl = CudaBackend(split_elems=split)
+    impl._ext = _SpyExt(impl._ext)
+    return BackendUnderTest("cuda", impl, torch.device("cuda"))
 
 
 def _split_of(mods, params, split):
@@ -215,7 +232,9 @@ def test_split_matches_reference_cpu_and_one_block(split, dtype):
     mods = [module_inputs(a, b)]
     plan = _split_of(mods, params, split)
     assert (1 in plan["split_matrices"]) == (split != NEVER)  # item 0's B: the path under test
-    det = check_against_reference(_cuda(split), a, b, density=0.2)  # masks, scales, A* vs the cpu kernel
+    backend = _cuda(split)
+    det = check_against_reference(backend, a, b, density=0.2)  # masks, scales, A* vs the cpu kernel
+    assert backend.impl._ext.splits == [split]  # the threshold reached the binding
     one = _cuda(NEVER).run([module_inputs(a, b, device="cuda")], params)
     for x, y in zip(det.tau_a + det.tau_b, one.tau_a + one.tau_b):
         assert torch.equal(x, y)
@@ -235,8 +254,9 @@ def test_split_ties_and_extreme_ranks(density):
     params = RobustMergeParams(density=density)
     forced = _cuda(0).run([module_inputs(a, b, device="cuda")], params)
     never = _cuda(NEVER).run([module_inputs(a, b, device="cuda")], params)
-    for x, y in zip(forced.tau_a + forced.tau_b, never.tau_a + never.tau_b):
-        assert torch.equal(x, y)
+    cpu = CpuBackend().run([module_inputs(a, b)], params, True)
+    for x, y, z in zip(forced.tau_a + forced.tau_b, never.tau_a + never.tau_b, cpu.tau_a + cpu.tau_b):
+        assert torch.equal(x, y) and torch.equal(x, z)
     assert torch.equal(forced.outputs[0][1], never.outputs[0][1])
     assert torch.equal(kernel_masks(b, forced.tau_b), kernel_masks(b, never.tau_b))
 
@@ -256,6 +276,22 @@ def test_split_reports_non_finite_member_and_factor(split, dtype, where):
     with pytest.raises(NonFiniteInput) as info:
         _cuda(split).impl.run(mods, RobustMergeParams())
     assert info.value.plan.name == "big" and info.value.member == 2 and info.value.factor == "B"
+
+
+@needs_gpu
+@pytest.mark.parametrize("env,expected", [(None, "default"), ("0", 0), ("123456", 123456)])
+def test_threshold_from_the_environment_reaches_the_binding(monkeypatch, env, expected):
+    from robustmerge_kernels.backends.cuda import CudaBackend
+
+    if env is None:
+        monkeypatch.delenv(SPLIT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(SPLIT_ENV, env)
+    impl = CudaBackend()
+    impl._ext = spy = _SpyExt(impl._ext)
+    a, b = random_module(5, T=2, r=4, n=40, m=30, dtype=torch.float32)
+    impl.run([module_inputs(a, b, device="cuda")], RobustMergeParams())
+    assert spy.splits == [_ext().DEFAULT_SPLIT_ELEMS if expected == "default" else expected]
 
 
 @needs_gpu

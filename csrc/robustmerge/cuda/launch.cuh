@@ -271,8 +271,8 @@ struct HostPlan {
 
 // Runs the merge described by the validated host tables `t` (whose item and output
 // addresses are device addresses on `device`; -1: the current device) on `stream`.
-// `ws` / `ws_bytes`: a device workspace of at least HostPlan(t).total bytes (its content
-// does not matter), or null to allocate one stream-ordered here. `check_addresses`: ask
+// `ws` / `ws_bytes`: a device workspace of at least HostPlan(t, split_elems).total bytes
+// (its content does not matter), or null to allocate one stream-ordered here. `check_addresses`: ask
 // the driver where every table address lives (callers that checked their tensors skip it).
 // `split_elems`: matrices with more keys are selected by several blocks (select.cuh).
 inline void robustmerge_cuda(const MergeTables& t, int device, cudaStream_t stream, const Outputs& out,
