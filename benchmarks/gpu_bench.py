@@ -27,6 +27,9 @@ timed calls, median reported):
   <backend>:gpu     GPU time of one such call: the sum of its kernels, memsets and copies
                 from torch.profiler (no host time, no launch gaps) -- the kernel figure
                 the targets in benchmarks/README.md are about.
+  cuda:gpu-split-all    the same for the cuda backend with the split selection forced on
+                every matrix (RMK_CUDA_SPLIT_ELEMS=0): the split path's cost against the
+                one-block path on a plan of many matrices (benchmarks/README.md).
 
 GB/s counts the input bytes read once (bytes of all lora_A and lora_B). ratio_to_flat_copy
 = median / median(copy-flat) of the same case. A CSV with the GPU name, commit and date in
@@ -331,6 +334,15 @@ def main(argv=None) -> int:
                 device_times = gpu_time(call, args.rounds)
                 if device_times:
                     results[f"{name}:gpu"] = (device_times, "")
+                if name == "cuda" and device_times:
+                    from robustmerge_kernels.backends.cuda import CudaBackend
+
+                    split_all = CudaBackend(split_elems=0)
+
+                    def call_split(impl=split_all, group=group):
+                        return impl.robustmerge(group, params)
+
+                    results["cuda:gpu-split-all"] = (gpu_time(call_split, args.rounds), "")
             if not dry:
                 torch.cuda.empty_cache()
         reference_out = None

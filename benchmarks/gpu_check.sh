@@ -10,15 +10,17 @@
 # 10-minute command; each step has its own timeout (seconds, overridable):
 #
 #   step      timeout  what
-#   env            20  GPU, driver, torch / triton versions (env.txt)
-#   build         200  pip install --no-build-isolation --no-deps --no-index -e . (build.log),
+#   env            15  GPU, driver, torch / triton versions (env.txt)
+#   build         180  pip install --no-build-isolation --no-deps --no-index -e . (build.log),
 #                      nvcc --threads 0; cuobjdump -res-usage (res_usage.txt)
-#   tests         150  CUDA and Triton kernel tests with TRITON_INTERPRET=0 (pytest.log,
+#   tests         140  CUDA and Triton kernel tests with TRITON_INTERPRET=0 (pytest.log,
 #                      junit.xml); fails unless pytest's header says the kernels were compiled
-#   sanitize      110  compute-sanitizer memcheck, racecheck, synccheck, initcheck on a small
-#                      merge (benchmarks/gpu_sanitize_case.py), PYTORCH_NO_CUDA_MEMORY_CACHING=1,
-#                      --error-exitcode (sanitize.log)
-#   bench          90  benchmarks/gpu_bench.py, llava-7b T = 8 and 32, bf16 and fp32 (bench.log,
+#   split          70  the CUDA kernel tests again with RMK_CUDA_SPLIT_ELEMS=0: the split
+#                      selection on every matrix (pytest_split.log, junit_split.xml)
+#   sanitize       85  compute-sanitizer memcheck, racecheck, synccheck, initcheck on a small
+#                      merge (benchmarks/gpu_sanitize_case.py: one-block and split selection),
+#                      PYTORCH_NO_CUDA_MEMORY_CACHING=1, --error-exitcode (sanitize.log)
+#   bench          80  benchmarks/gpu_bench.py, llava-7b T = 8 and 32, bf16 and fp32 (bench.log,
 #                      gpu_bench.csv)
 #                 ---
 #                 570  worst case, under the 600 s a device command may run
@@ -31,9 +33,9 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STEPS=${RMK_CHECK_STEPS:-env build tests sanitize bench}
-T_ENV=${RMK_T_ENV:-20} T_BUILD=${RMK_T_BUILD:-200} T_TESTS=${RMK_T_TESTS:-150}
-T_SANITIZE=${RMK_T_SANITIZE:-110} T_BENCH=${RMK_T_BENCH:-90}
+STEPS=${RMK_CHECK_STEPS:-env build tests split sanitize bench}
+T_ENV=${RMK_T_ENV:-15} T_BUILD=${RMK_T_BUILD:-180} T_TESTS=${RMK_T_TESTS:-140} T_SPLIT=${RMK_T_SPLIT:-70}
+T_SANITIZE=${RMK_T_SANITIZE:-85} T_BENCH=${RMK_T_BENCH:-80}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PIP_NO_INDEX=1 TRITON_INTERPRET=0
 START=$SECONDS
 SUMMARY=()
@@ -79,16 +81,28 @@ if want build; then
   fi
 fi
 
+gpu_skips() {  # step, log: GPU tests that skipped on a GPU machine fail the check
+  if grep -q "SKIPPED.*\(no CUDA device\|backend unavailable\|not built\)" "$OUT/$2"; then
+    record "$1-skips" "skipped" 0 "$2 (GPU tests skipped on a GPU machine)"
+  fi
+}
+
 if want tests; then
-  TESTS="tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_triton_modes.py tests/test_gpu_host.py"
+  TESTS="tests/test_cuda_backend.py tests/test_cuda_split.py tests/test_triton_backend.py tests/test_triton_modes.py tests/test_gpu_host.py"
   [ -f tests/test_kernels.py ] && TESTS="$TESTS tests/test_kernels.py"
   run_step tests "$T_TESTS" pytest.log $PY -m pytest -q -rs -p no:cacheprovider $TESTS --junitxml="$OUT/junit.xml"
   if ! grep -q "triton kernels: compiled" "$OUT/pytest.log"; then
     record tests-mode "interp" 0 "pytest.log (header does not say compiled)"
   fi
-  if grep -q "SKIPPED.*\(no CUDA device\|backend unavailable\|not built\)" "$OUT/pytest.log"; then
-    record tests-skips "skipped" 0 "pytest.log (GPU tests skipped on a GPU machine)"
-  fi
+  gpu_skips tests pytest.log
+fi
+
+if want split; then
+  # Every CUDA test with the split selection forced on every matrix (one slice or several),
+  # so both selection paths are proven against the reference and the cpu kernel.
+  run_step split "$T_SPLIT" pytest_split.log env RMK_CUDA_SPLIT_ELEMS=0 $PY -m pytest -q -rs -p no:cacheprovider \
+    tests/test_cuda_backend.py tests/test_cuda_split.py tests/test_kernels.py -k cuda --junitxml="$OUT/junit_split.xml"
+  gpu_skips split pytest_split.log
 fi
 
 if want sanitize; then

@@ -2,7 +2,9 @@
 """A small merge for compute-sanitizer (benchmarks/gpu_check.sh): every kernel path of a
 GPU backend on a few modules -- float32 / float16 / bfloat16 inputs mixed, unaligned and
 odd shapes (scalar heads and tails), a float32 matrix whose candidates overflow shared
-memory, T above the fusion's staging width, float64 output -- checked against the CPU
+memory, T above the fusion's staging width, float64 output, a B of 320,000 keys that the
+CUDA backend's default threshold splits over 10 slices (bf16 and float32 members, so its
+third launch runs) -- checked against the CPU
 backend (thresholds equal, A* bit-identical). Exit status 0 when everything matches.
 
     python benchmarks/gpu_sanitize_case.py [--backend cuda|triton]
@@ -39,6 +41,7 @@ def group(device):
         module("wide", 2, 16, 4096, 1000, [f32], bf16, 2, device),  # float32: 3 passes, candidates
         module("ties", 10, 2, 64, 48, [bf16], f16, 3, device),  # T > staging width
         module("f64out", 2, 3, 8, 8, [f16], torch.float64, 4, device),
+        module("vocab", 2, 16, 64, 20000, [bf16, f32], f32, 5, device),  # cuda: split selection of B
     ]
 
 

@@ -96,15 +96,19 @@ def make_backend(name: str, monkeypatch) -> BackendUnderTest:
             )
             return BackendUnderTest("triton", impl, torch.device("cpu"), interpreted=True)
         return BackendUnderTest("triton", impl, torch.device("cuda"))
-    if name == "cuda":
+    if name in ("cuda", "cuda-split"):
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device (torch.cuda.is_available() is False)")
         try:
-            from robustmerge_kernels.backends.cuda import CudaBackend
+            from robustmerge_kernels.backends.cuda import SPLIT_ENV, CudaBackend
 
-            impl = CudaBackend()
+            # cuda-split: the split selection on every matrix (merge() builds its own
+            # backend object, which reads the environment).
+            impl = CudaBackend(split_elems=0 if name == "cuda-split" else None)
         except (ImportError, BackendUnavailable) as exc:
             pytest.skip(f"cuda backend unavailable: {exc}")
+        if name == "cuda-split":
+            monkeypatch.setenv(SPLIT_ENV, "0")
         return BackendUnderTest("cuda", impl, torch.device("cuda"))
     raise KeyError(name)
 

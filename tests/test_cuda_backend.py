@@ -96,7 +96,7 @@ def test_extension_builds_and_exposes_entry_points():
     params = [p.strip().split(":")[0] for p in ext.robustmerge.__doc__.split("(", 1)[1].split(")")[0].split(",")]
     assert params == ["items", "n_items", "b_scale", "modules", "n_modules", "lam", "stream", "status",
                       "module_status", "tau_out", "scales_out", "device", "workspace", "workspace_bytes",
-                      "check_addresses"]  # fmt: skip
+                      "check_addresses", "split_elems"]  # fmt: skip
 
 
 @needs_extension

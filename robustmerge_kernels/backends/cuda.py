@@ -16,9 +16,18 @@ The module is built for the architectures in ``_cuda.ARCHITECTURES`` (CMake's li
 the backend unavailable, so ``auto`` falls back to Triton or the reference.
 
 float64 inputs are not a kernel type: such modules go to the reference implementation.
+
+Matrices of more than ``split_elems`` keys are selected by several blocks per pass instead of
+one (csrc/robustmerge/cuda/select.cuh), so a few large matrices (embed_tokens / lm_head
+LoRAs) do not leave SMs idle. The threshold is ``_cuda.DEFAULT_SPLIT_ELEMS`` (2^18; the
+reasoning is in device_plan.cuh) unless ``RMK_CUDA_SPLIT_ELEMS`` says otherwise (read at
+every merge: 0 splits every matrix, a huge value none) or ``CudaBackend(split_elems=...)``
+fixes it; every choice gives the same bits.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -53,6 +62,25 @@ def arch_runs_on(architectures: str, capability: tuple[int, int]) -> bool:
     return False
 
 
+SPLIT_ENV = "RMK_CUDA_SPLIT_ELEMS"
+_INT64_MAX = (1 << 63) - 1
+
+
+def split_elems(default: int, environ=None) -> int:
+    """The split threshold of the CUDA selection: ``RMK_CUDA_SPLIT_ELEMS`` when set (an
+    integer >= 0; 0 = split every matrix, values past int64 mean never), else ``default``."""
+    raw = (os.environ if environ is None else environ).get(SPLIT_ENV, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{SPLIT_ENV} must be an integer >= 0 (0 splits every matrix), got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{SPLIT_ENV} must be an integer >= 0 (0 splits every matrix), got {raw!r}")
+    return min(value, _INT64_MAX)
+
+
 def _check_arch(ext, device: torch.device) -> None:
     capability = torch.cuda.get_device_capability(device)
     if not arch_runs_on(ext.ARCHITECTURES, capability):
@@ -76,7 +104,12 @@ class CudaBackend(KernelBackend):
     name = "cuda"
     checks_finite = True  # the selection kernel sees inf/NaN in its first histogram pass, overflow as it stores
 
-    def __init__(self):
+    def __init__(self, split_elems: int | None = None):
+        """``split_elems``: the split threshold for every merge of this object (None: read
+        RMK_CUDA_SPLIT_ELEMS per merge, else ``_cuda.DEFAULT_SPLIT_ELEMS``)."""
+        if split_elems is not None and split_elems < 0:
+            raise ValueError(f"split_elems must be >= 0 (0 splits every matrix), got {split_elems}")
+        self._split_elems = split_elems
         self._ext = _load_extension()
         if not torch.cuda.is_available():
             raise BackendUnavailable("no CUDA device is available (torch.cuda.is_available() is False)")
@@ -94,10 +127,11 @@ class CudaBackend(KernelBackend):
                 raise ValueError(str(exc)) from exc
             self._checked.add(device.index)
         ext = self._ext
+        split = self._split_elems if self._split_elems is not None else split_elems(ext.DEFAULT_SPLIT_ELEMS)
         with torch.cuda.device(device):
             tables = build_tables(group, params, device)  # host tables, outputs on `device`
             items, b_scale, modules = tables.items.data_ptr(), tables.b_scale.data_ptr(), tables.modules.data_ptr()
-            ws_bytes = ext.workspace_size(items, tables.n_items, b_scale, modules, len(group))
+            ws_bytes = ext.workspace_size(items, tables.n_items, b_scale, modules, len(group), split)
             workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=device)  # torch's caching allocator
             n_scales = sum(g.plan.rank * len(g.plan.members) for g in group)
             # Item and module statuses share one buffer: one memset, one copy back.
@@ -109,7 +143,7 @@ class CudaBackend(KernelBackend):
             ext.robustmerge(
                 items, tables.n_items, b_scale, modules, len(group), float(params.lam), stream.cuda_stream,
                 status.data_ptr(), module_status.data_ptr(), tau.data_ptr() if details else 0,
-                scales.data_ptr() if details else 0, device.index, workspace.data_ptr(), ws_bytes, False,
+                scales.data_ptr() if details else 0, device.index, workspace.data_ptr(), ws_bytes, False, split,
             )  # fmt: skip
             # .cpu() runs on the current stream, after the kernels: the one synchronisation.
             # The workspace is freed (returned to torch's cache) after that, on this stream.

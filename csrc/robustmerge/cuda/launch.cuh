@@ -1,5 +1,6 @@
 // Host driver of the CUDA kernels (kernels.cuh): validation of the HOST copies of the plan
-// tables, the workspace layout, one upload, four launches and copies of the results, all
+// tables, the workspace layout (host_plan.cuh), one upload, the launches (select: 1 + the
+// split passes, see select.cuh; fuse_a, weights, fuse_b) and copies of the results, all
 // enqueued on the caller's stream. Nothing here synchronises the host with the device
 // (except the brief staging copy of the pageable host tables that cudaMemcpyAsync does),
 // so the caller reads the status array after the stream's work (torch does so on .cpu()).
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "../robustmerge_cpu.h"  // MergeTables, robustmerge::validate (the CPU kernel's checks and messages)
+#include "host_plan.cuh"
 #include "kernels.cuh"
 
 namespace robustmerge {
@@ -115,116 +117,17 @@ struct Outputs {           // device addresses (0: not wanted)
   double* scales;          // items' ranks concatenated
 };
 
-// Workspace layout: an uploaded part (tables and derived tables) and a zeroed part
-// (results and scratch), each array aligned to 256 bytes.
-class Layout {
- public:
-  size_t add(size_t bytes) {
-    const size_t at = size_;
-    size_ = (size_ + bytes + 255) / 256 * 256;
-    return at;
-  }
-  size_t size() const { return size_; }
-
- private:
-  size_t size_ = 0;
-};
-
-// Derived tables and the workspace layout of validated tables `t`.
-struct HostPlan {
-  std::vector<int64_t> item_module, scale_offset, part_offset, tile_first_a, tile_first_b;
-  int64_t W = 0, M = 0, S = 0, P = 0;
-  size_t o_items, o_modules, o_bscale, o_item_module, o_scale_offset, o_part_offset, o_tiles_a, o_tiles_b, upload;
-  size_t o_tau, o_scales, o_lo, o_weights, o_partials, o_status, o_overflow, o_flag, total;
-
-  explicit HostPlan(const MergeTables& t) : W(t.n_items), M(t.n_modules) {
-    item_module.resize(W);
-    scale_offset.assign(W + 1, 0);
-    part_offset.assign(W + 1, 0);
-    tile_first_a.assign(M + 1, 0);
-    tile_first_b.assign(M + 1, 0);
-    for (int64_t m = 0; m < M; ++m) {
-      const int64_t* md = t.modules + m * kModCols;
-      const int64_t r = md[kModRank];
-      for (int64_t i = md[kModFirst]; i < md[kModFirst] + md[kModMembers]; ++i) {
-        item_module[i] = m;
-        scale_offset[i + 1] = scale_offset[i] + r;
-        part_offset[i + 1] = part_offset[i] + r * segments_per_row(md[kModIn]);
-      }
-      tile_first_a[m + 1] = tile_first_a[m] + tiles_a(r, md[kModIn]);
-      tile_first_b[m + 1] = tile_first_b[m] + tiles_b(r, md[kModOut]);
-    }
-    S = scale_offset[W];
-    P = part_offset[W];
-    Layout lay;
-    o_items = lay.add(sizeof(int64_t) * W * kItemCols);
-    o_modules = lay.add(sizeof(int64_t) * M * kModCols);
-    o_bscale = lay.add(sizeof(double) * W);
-    o_item_module = lay.add(sizeof(int64_t) * W);
-    o_scale_offset = lay.add(sizeof(int64_t) * (W + 1));
-    o_part_offset = lay.add(sizeof(int64_t) * (W + 1));
-    o_tiles_a = lay.add(sizeof(int64_t) * (M + 1));
-    o_tiles_b = lay.add(sizeof(int64_t) * (M + 1));
-    upload = lay.size();
-    o_tau = lay.add(sizeof(uint32_t) * 2 * W);
-    o_scales = lay.add(sizeof(double) * S);
-    o_lo = lay.add(sizeof(double) * W);
-    o_weights = lay.add(sizeof(float) * S);
-    o_partials = lay.add(sizeof(double) * 2 * P);
-    o_status = lay.add(sizeof(int32_t) * W);
-    o_overflow = lay.add(sizeof(int32_t) * M);
-    o_flag = lay.add(sizeof(int32_t));
-    total = lay.size();
-  }
-
-  int64_t n_tiles_a() const { return tile_first_a[M]; }
-  int64_t n_tiles_b() const { return tile_first_b[M]; }
-
-  std::vector<unsigned char> host_image(const MergeTables& t) const {
-    std::vector<unsigned char> host(upload, 0);
-    std::memcpy(host.data() + o_items, t.items, sizeof(int64_t) * W * kItemCols);
-    std::memcpy(host.data() + o_modules, t.modules, sizeof(int64_t) * M * kModCols);
-    std::memcpy(host.data() + o_bscale, t.b_scale, sizeof(double) * W);
-    std::memcpy(host.data() + o_item_module, item_module.data(), sizeof(int64_t) * W);
-    std::memcpy(host.data() + o_scale_offset, scale_offset.data(), sizeof(int64_t) * (W + 1));
-    std::memcpy(host.data() + o_part_offset, part_offset.data(), sizeof(int64_t) * (W + 1));
-    std::memcpy(host.data() + o_tiles_a, tile_first_a.data(), sizeof(int64_t) * (M + 1));
-    std::memcpy(host.data() + o_tiles_b, tile_first_b.data(), sizeof(int64_t) * (M + 1));
-    return host;
-  }
-
-  DevicePlan device_plan(unsigned char* ws, float lam) const {
-    DevicePlan p;
-    p.items = reinterpret_cast<const int64_t*>(ws + o_items);
-    p.modules = reinterpret_cast<const int64_t*>(ws + o_modules);
-    p.b_scale = reinterpret_cast<const double*>(ws + o_bscale);
-    p.item_module = reinterpret_cast<const int64_t*>(ws + o_item_module);
-    p.scale_offset = reinterpret_cast<const int64_t*>(ws + o_scale_offset);
-    p.part_offset = reinterpret_cast<const int64_t*>(ws + o_part_offset);
-    p.tile_first_a = reinterpret_cast<const int64_t*>(ws + o_tiles_a);
-    p.tile_first_b = reinterpret_cast<const int64_t*>(ws + o_tiles_b);
-    p.n_modules = M;
-    p.tau = reinterpret_cast<uint32_t*>(ws + o_tau);
-    p.scales = reinterpret_cast<double*>(ws + o_scales);
-    p.lo = reinterpret_cast<double*>(ws + o_lo);
-    p.weights = reinterpret_cast<float*>(ws + o_weights);
-    p.partials = reinterpret_cast<double*>(ws + o_partials);
-    p.status = reinterpret_cast<int32_t*>(ws + o_status);
-    p.overflow = reinterpret_cast<int32_t*>(ws + o_overflow);
-    p.any_bad = reinterpret_cast<int32_t*>(ws + o_flag);
-    p.lam = lam;
-    return p;
-  }
-};
-
 // Runs the merge described by the validated host tables `t` (whose item and output
 // addresses are device addresses on `device`; -1: the current device) on `stream`.
-// `ws` / `ws_bytes`: a device workspace of at least HostPlan(t).total bytes (its content
-// does not matter), or null to allocate one stream-ordered here. `check_addresses`: ask
-// the driver where every table address lives (callers that checked their tensors skip it).
+// `ws` / `ws_bytes`: a device workspace of at least HostPlan(t, split_elems).total bytes
+// (its content does not matter), or null to allocate one stream-ordered here.
+// `check_addresses`: ask the driver where every table address lives (callers that checked
+// their tensors skip it).
+// `split_elems`: matrices with more keys are selected by several blocks (select.cuh).
 inline void robustmerge_cuda(const MergeTables& t, int device, cudaStream_t stream, const Outputs& out,
-                             unsigned char* ws = nullptr, size_t ws_bytes = 0, bool check_addresses = true) {
-  const HostPlan hp(t);
+                             unsigned char* ws = nullptr, size_t ws_bytes = 0, bool check_addresses = true,
+                             int64_t split_elems = kDefaultSplitElems) {
+  const HostPlan hp(t, split_elems);
   if (ws && ws_bytes < hp.total)
     throw std::invalid_argument("robustmerge cuda kernel: workspace of " + std::to_string(ws_bytes) +
                                 " bytes, the plan needs " + std::to_string(hp.total));
@@ -271,8 +174,11 @@ inline void robustmerge_cuda(const MergeTables& t, int device, cudaStream_t stre
     check(cudaMemcpyAsync(ws, host.data(), hp.upload, cudaMemcpyHostToDevice, stream), "upload of the plan tables");
     check(cudaMemsetAsync(ws + hp.upload, 0, hp.total - hp.upload, stream), "cudaMemsetAsync");
     const DevicePlan p = hp.device_plan(ws, static_cast<float>(t.lam));
-    select_kernel<<<unsigned(2 * W), kSelectThreads, 0, stream>>>(p);
-    check(cudaGetLastError(), "select_kernel launch");
+    const std::vector<int64_t> grids = hp.select_grids();
+    for (size_t pass = 0; pass < grids.size(); ++pass) {  // the stream orders the passes
+      select_kernel<<<unsigned(grids[pass]), kSelectThreads, 0, stream>>>(p, int(pass));
+      check(cudaGetLastError(), "select_kernel launch");
+    }
     fuse_a_kernel<<<unsigned(hp.n_tiles_a()), kFuseThreads, 0, stream>>>(p);
     check(cudaGetLastError(), "fuse_a_kernel launch");
     weights_kernel<<<unsigned(M), kWeightThreads, 0, stream>>>(p);
