@@ -22,14 +22,13 @@ compare machines and loads. These are host (Python) costs on this CPU, not GPU f
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from host_cost import median_ms  # CPU-time median after a warm-up (this folder is on sys.path)
 
 import robustmerge_kernels as rk
 from robustmerge_kernels.adapter_io.sources import open_adapter
@@ -58,16 +57,6 @@ class HostOnlyBackend(KernelBackend):
 def register_hostonly() -> None:
     # priority -1: never chosen by backend="auto", even in this process
     register_backend(HOSTONLY, HostOnlyBackend, devices=("cpu",), priority=-1)
-
-
-def median_ms(fn, rounds: int) -> float:
-    fn()  # warm-up (also fills any per-process cache, as a long-running caller would)
-    times = []
-    for _ in range(rounds):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times) * 1e3
 
 
 def measure(shape: str, T: int, dtype: str, rounds: int, groups: str) -> dict[str, float]:

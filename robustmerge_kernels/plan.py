@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -104,36 +105,69 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def _collect(source: AdapterSource) -> tuple[dict[str, dict[str, tuple[str, FactorKey]]], dict[str, str]]:
+@dataclass(frozen=True)
+class _Keys:
+    """What an adapter's key list alone determines (shared, read-only: see _collect)."""
+
+    factors: dict[str, dict[str, tuple[str, FactorKey]]]  # canonical module -> {"A"/"B": (key, parsed)}
+    others: dict[str, str]  # canonical key -> key, for the non-LoRA tensors
+    unpaired: tuple[str, str, str] | None  # the first (module, factor, key) without its other factor
+    layout: str | None  # the first key's LLaVA layout name, in key order
+
+
+class _KeyProblem(Exception):
+    """A key list that cannot be planned: (reason, key); _collect names the adapter."""
+
+
+def _collect(source: AdapterSource) -> _Keys:
     """Split one adapter's keys into {canonical module: {"A"/"B": (key, parsed)}} and
     {canonical key: key} for the other tensors. Canonical names pair LLaVA layouts."""
+    try:
+        return _collect_keys(tuple(source.keys()))
+    except _KeyProblem as problem:
+        reason, key = problem.args
+        raise AdapterError(reason, source.label, key) from None
+
+
+# The result depends on the key list only, and T adapters of one model have the same key
+# list, merge after merge: it is remembered per key list (shapes and dtypes are not part
+# of it; they are read anew by every plan). Failures are not remembered.
+@lru_cache(maxsize=32)
+def _collect_keys(keys: tuple[str, ...]) -> _Keys:
     factors: dict[str, dict[str, tuple[str, FactorKey]]] = {}
     others: dict[str, str] = {}
-    for key in source.keys():
+    for key in keys:
         parsed = parse_factor(key)
         if parsed is None:
             part = unsupported_lora_part(key)
             if part is not None:
-                raise AdapterError(
+                raise _KeyProblem(
                     f"unsupported LoRA tensor {part!r} (DoRA magnitudes, LoRA biases and other "
                     "variants are not defined by RobustMerge)",
-                    source.label,
                     key,
                 )
             canonical = canonical_name(key)
             if canonical in others:
-                raise AdapterError(f"duplicate tensor (also {others[canonical]!r})", source.label, key)
+                raise _KeyProblem(f"duplicate tensor (also {others[canonical]!r})", key)
             others[canonical] = key
             continue
         slot = factors.setdefault(canonical_name(parsed.module), {})
         if parsed.factor in slot:
-            raise AdapterError(
-                f"duplicate lora_{parsed.factor} for module {parsed.module!r} (also {slot[parsed.factor][0]!r})",
-                source.label,
-                key,
+            raise _KeyProblem(
+                f"duplicate lora_{parsed.factor} for module {parsed.module!r} (also {slot[parsed.factor][0]!r})", key
             )
         slot[parsed.factor] = (key, parsed)
-    return factors, others
+    unpaired = next(
+        (
+            (module, factor, slot[factor][0])
+            for module, slot in factors.items()
+            for factor, other in (("A", "B"), ("B", "A"))
+            if factor in slot and other not in slot
+        ),
+        None,
+    )
+    layout = next((found for found in map(layout_of, keys) if found is not None), None)
+    return _Keys(factors, others, unpaired, layout)
 
 
 def _check_dtype(source: AdapterSource, key: str) -> torch.dtype:
@@ -177,42 +211,122 @@ def build_plan(sources: list[AdapterSource], dtype: torch.dtype | None = None) -
     out_config = _output_config(sources)
     per_source = [_collect(s) for s in sources]
 
-    module_members: dict[str, list[int]] = {}
-    for t, (factors, _) in enumerate(per_source):
-        if not factors:
+    for t, keys in enumerate(per_source):
+        if not keys.factors:
             raise AdapterError("contains no lora_A/lora_B tensors; is it a LoRA adapter?", sources[t].label)
-        for module, slot in factors.items():
-            for factor, other in (("A", "B"), ("B", "A")):
-                if factor in slot and other not in slot:
-                    raise AdapterError(
-                        f"lora_{factor} of module {module!r} has no matching lora_{other}",
-                        sources[t].label,
-                        slot[factor][0],
-                    )
-            module_members.setdefault(module, []).append(t)
+        if keys.unpaired is not None:
+            module, factor, key = keys.unpaired
+            other = "B" if factor == "A" else "A"
+            raise AdapterError(
+                f"lora_{factor} of module {module!r} has no matching lora_{other}", sources[t].label, key
+            )
 
-    layout = output_layout(sources)
+    layout = output_layout(per_source)
     rules = None
     if out_config is not None:
         rules = [ScalingRule(s.config) for s in sources], ScalingRule(out_config)
-    modules = [
-        _plan_module(name, members, sources, [per_source[t][0][name] for t in members], rules, dtype, layout)
-        for name, members in module_members.items()
-    ]
-    means = _plan_means(sources, [others for _, others in per_source], dtype, layout)
+    if _uniform(sources, per_source):
+        modules = _plan_uniform(per_source[0].factors, sources, rules, dtype, layout)
+    else:
+        module_members: dict[str, list[int]] = {}
+        for t, keys in enumerate(per_source):
+            for module in keys.factors:
+                module_members.setdefault(module, []).append(t)
+        modules = [
+            _plan_module(name, members, sources, [per_source[t].factors[name] for t in members], rules, dtype, layout)
+            for name, members in module_members.items()
+        ]
+    means = _plan_means(sources, [keys.others for keys in per_source], dtype, layout)
     return MergePlan(sources, modules, means, out_config, layout)
 
 
-def output_layout(sources: list[AdapterSource]) -> str | None:
+def output_layout(per_source: list[_Keys]) -> str | None:
     """The first adapter's LLaVA layout (the first that has a layout name, in input order):
     every output key is spelled in it, so a module that only a later adapter of another
     layout carries does not land under a name the loader of the output does not know."""
-    for source in sources:
-        for key in source.keys():
-            layout = layout_of(key)
-            if layout is not None:
-                return layout
-    return None
+    return next((keys.layout for keys in per_source if keys.layout is not None), None)
+
+
+def _uniform(sources: list[AdapterSource], per_source: list[_Keys]) -> bool:
+    """Whether every adapter has the same keys, shapes and dtypes (the usual merge of T
+    fine-tunes of one model): then every check of _plan_module gives the same answer for
+    each adapter, and a module is planned from the first one (_plan_uniform)."""
+    first = per_source[0]
+    if any(keys is not first for keys in per_source):  # one key list, one cached _Keys
+        return False
+    shapes, dtypes = sources[0].all_shapes(), sources[0].all_dtypes()
+    return all(s.all_shapes() == shapes and s.all_dtypes() == dtypes for s in sources[1:])
+
+
+def _plan_uniform(factors, sources, rules, dtype, layout) -> list[ModulePlan]:
+    """_plan_module for every module of uniform adapters (_uniform), checking each module
+    once instead of once per adapter. A module that fails any check is handed to
+    _plan_module, which raises the error it always raised, naming the same adapter."""
+    members = tuple(range(len(sources)))
+    first = sources[0]
+    scales = _constant_scales(rules)
+    modules = []
+    for name, slot in factors.items():
+        (ka, pa), (kb, _) = slot["A"], slot["B"]
+        sa, sb = first.shape(ka), first.shape(kb)
+        da, db = first.dtype(ka), first.dtype(kb)
+        planned = None
+        if (
+            len(sa) == len(sb) == 2
+            and da in MERGEABLE_DTYPES
+            and db in MERGEABLE_DTYPES
+            and sa[0] == sb[1]
+            and 0 not in sa
+            and 0 not in sb
+        ):
+            out_module = output_name(name, pa.module, layout)  # as _plan_module: the first spelling
+            b_scale = _uniform_scales(rules, scales, pa.module, out_module, sa[0], len(members))
+            if b_scale is not None:
+                planned = ModulePlan(
+                    name=out_module,
+                    a_key=FactorKey(out_module, "A", pa.embedding).saved_key(),
+                    b_key=FactorKey(out_module, "B", pa.embedding).saved_key(),
+                    rank=sa[0],
+                    in_features=sa[1],
+                    out_features=sb[0],
+                    members=members,
+                    a_keys=(ka,) * len(members),
+                    b_keys=(kb,) * len(members),
+                    b_scale=b_scale,
+                    out_dtype=dtype or default_factor_dtype(da),
+                    nbytes_in=len(members) * (_nbytes(sa, da) + _nbytes(sb, db)),
+                )
+        modules.append(planned or _plan_module(name, list(members), sources, [slot] * len(members), rules, dtype,
+                                               layout))  # fmt: skip
+    return modules
+
+
+def _constant_scales(rules) -> tuple[set[int], tuple[float, ...] | None] | None:
+    """When no config has per-module patterns: ({r of each adapter}, each adapter's
+    scaling / the output's), the same for every module."""
+    if rules is None or rules[1].constant is None or any(rule.constant is None for rule in rules[0]):
+        return None
+    s_out = rules[1].constant[2]
+    return _checked_scales({rule.constant[0] for rule in rules[0]}, [rule.constant[2] / s_out for rule in rules[0]])
+
+
+def _checked_scales(ranks: set[int], scales: list[float]) -> tuple[set[int], tuple[float, ...] | None]:
+    """(ranks, scales), scales None when one is unusable (_plan_module's error)."""
+    usable = all(math.isfinite(scale) and scale >= sys.float_info.min for scale in scales)
+    return ranks, tuple(scales) if usable else None
+
+
+def _uniform_scales(rules, constant, own: str, out_module: str, rank: int, T: int) -> tuple[float, ...] | None:
+    """b_scale of a module of uniform adapters, or None where _plan_module raises."""
+    if rules is None:
+        return (1.0,) * T
+    if constant is None:
+        per_adapter = [rule(own) for rule in rules[0]]
+        s_out = rules[1](out_module)[2]
+        ranks, scales = _checked_scales({r for r, _, _ in per_adapter}, [s_t / s_out for _, _, s_t in per_adapter])
+    else:
+        ranks, scales = constant
+    return scales if ranks == {rank} else None
 
 
 def _plan_module(name, members, sources, slots, rules, dtype, layout) -> ModulePlan:
