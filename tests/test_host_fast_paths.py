@@ -111,6 +111,8 @@ def _failing_uniform_cases():
         "empty factor": (
             _break(_break(pairs, "q.lora_A.weight", torch.ones(0, 12)), "q.lora_B.weight", torch.ones(10, 0))
         ),
+        "empty lora_A": _break(pairs, "q.lora_A.weight", torch.ones(4, 0)),
+        "empty lora_B": _break(pairs, "q.lora_B.weight", torch.ones(0, 4)),
         "rank mismatch inside": _break(pairs, "q.lora_B.weight", torch.ones(10, 3)),
         "config r differs": _with_config(pairs, r=8),
         "pattern r differs": _with_config(pairs, rank_pattern={"v": 2}),
