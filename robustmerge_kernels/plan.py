@@ -282,10 +282,11 @@ def _plan_uniform(factors, sources, rules, dtype, layout) -> list[ModulePlan]:
             out_module = output_name(name, pa.module, layout)  # as _plan_module: the first spelling
             b_scale = _uniform_scales(rules, scales, pa.module, out_module, sa[0], len(members))
             if b_scale is not None:
+                a_key, b_key = _saved_keys(out_module, pa.embedding)
                 planned = ModulePlan(
                     name=out_module,
-                    a_key=FactorKey(out_module, "A", pa.embedding).saved_key(),
-                    b_key=FactorKey(out_module, "B", pa.embedding).saved_key(),
+                    a_key=a_key,
+                    b_key=b_key,
                     rank=sa[0],
                     in_features=sa[1],
                     out_features=sb[0],
@@ -299,6 +300,12 @@ def _plan_uniform(factors, sources, rules, dtype, layout) -> list[ModulePlan]:
         modules.append(planned or _plan_module(name, list(members), sources, [slot] * len(members), rules, dtype,
                                                layout))  # fmt: skip
     return modules
+
+
+@lru_cache(maxsize=1 << 16)
+def _saved_keys(module: str, embedding: bool) -> tuple[str, str]:
+    """The output keys of a module's A and B (strings only: remembered, as in keys.py)."""
+    return FactorKey(module, "A", embedding).saved_key(), FactorKey(module, "B", embedding).saved_key()
 
 
 def _constant_scales(rules) -> tuple[set[int], tuple[float, ...] | None] | None:

@@ -14,7 +14,7 @@ from conftest import lora_pair
 import robustmerge_kernels as rk
 from robustmerge_kernels import plan as plan_mod
 from robustmerge_kernels.adapter_io import keys as keys_mod
-from robustmerge_kernels.adapter_io.sources import _checked_state_dict, _from_state_dict, open_adapter
+from robustmerge_kernels.adapter_io.sources import _from_state_dict, _refuse_first, open_adapter
 from robustmerge_kernels.errors import AdapterError
 from robustmerge_kernels.params import RobustMergeParams
 from robustmerge_kernels.pipeline import RobustMergeRun
@@ -210,7 +210,7 @@ def _bad_dicts():
 @pytest.mark.parametrize("case", BAD_DICTS)
 def test_state_dict_errors_are_those_of_the_per_tensor_checks(case):
     sd = _bad_dicts()[case]
-    expected = _error(lambda: _checked_state_dict(sd.items(), None, "#1"))
+    expected = _error(lambda: _refuse_first(list(sd), list(sd.values()), "#1"))
     assert _error(lambda: _from_state_dict(sd, None, "#1")) == expected
     assert expected.startswith("adapter #1")
 

@@ -10,7 +10,7 @@ group of modules' inputs at a time.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter
@@ -149,33 +149,40 @@ def _from_state_dict(state_dict: Mapping[str, Any], config: dict | None, label: 
     if not isinstance(state_dict, Mapping):
         raise AdapterError(f"expected a state dict (mapping of str to tensor), got {type(state_dict).__name__}", label)
     keys, values = list(state_dict), list(state_dict.values())  # no (key, value) tuple per tensor
-    if all(map(isinstance, keys, repeat(str))) and all(map(isinstance, values, repeat(torch.Tensor))):
-        dtypes = list(map(_DTYPE, values))
-        devices = set(map(_DEVICE, values))
-        if (
-            set(map(_LAYOUT, values)) <= {torch.strided}
-            and not any(map(_IS_NESTED, values))
-            and (all(d.is_floating_point for d in set(dtypes)) or not any(map(_IS_QUANTIZED, values)))
-            and all(d.type != "meta" for d in devices)
-        ):  # the checks below all pass (quantized tensors never have a floating-point dtype)
-            if set(map(type, values)) == {torch.Tensor} and not any(map(_REQUIRES_GRAD, values)):
-                tensors = dict(zip(keys, values))  # detach() would return an equal alias: nothing to cut from autograd
-            else:
-                tensors = {k: v.detach() for k, v in zip(keys, values)}
-            # Plain tuples, as the checked path makes: unlike torch.Size, the garbage collector
-            # untracks a tuple of ints, so 3,584 shapes do not keep promoting objects to gen 2.
-            shapes = dict(zip(keys, map(tuple, map(_SHAPE, values))))
-            source = AdapterSource(label, config, shapes, dict(zip(keys, dtypes)), tensors.__getitem__)
-            source.tensors = tensors
-            source.device = next(iter(devices)) if len(devices) == 1 else None
-            return source
-    return _checked_state_dict(zip(keys, values), config, label)
+    dtypes, devices = _checked_headers(keys, values, label)
+    if set(map(type, values)) == {torch.Tensor} and not any(map(_REQUIRES_GRAD, values)):
+        tensors = dict(zip(keys, values))  # detach() would return an equal alias: nothing to cut from autograd
+    else:
+        tensors = {k: v.detach() for k, v in zip(keys, values)}
+    # Plain tuples, not torch.Size: the garbage collector untracks a tuple of ints, so the
+    # shapes of thousands of tensors do not keep promoting objects towards a full collection.
+    shapes = dict(zip(keys, map(tuple, map(_SHAPE, values))))
+    source = AdapterSource(label, config, shapes, dict(zip(keys, dtypes)), tensors.__getitem__)
+    source.tensors = tensors
+    source.device = next(iter(devices)) if len(devices) == 1 else None
+    return source
 
 
-def _checked_state_dict(pairs: Iterable[tuple[Any, Any]], config: dict | None, label: str) -> AdapterSource:
-    """_from_state_dict one tensor at a time: raises the first error, in key order."""
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in pairs:
+def _checked_headers(keys: list[Any], values: list[Any], label: str) -> tuple[list[torch.dtype], set[torch.device]]:
+    """(dtypes, devices) of the tensors, after the checks of _refuse_first made over all
+    tensors at once; when one fails, _refuse_first names the first tensor that fails it."""
+    if not (all(map(isinstance, keys, repeat(str))) and all(map(isinstance, values, repeat(torch.Tensor)))):
+        _refuse_first(keys, values, label)
+    dtypes, devices = list(map(_DTYPE, values)), set(map(_DEVICE, values))
+    if not (
+        set(map(_LAYOUT, values)) <= {torch.strided}
+        and not any(map(_IS_NESTED, values))
+        # quantized tensors never have a floating-point dtype: only other dtypes need the flag read
+        and (all(d.is_floating_point for d in set(dtypes)) or not any(map(_IS_QUANTIZED, values)))
+        and all(d.type != "meta" for d in devices)
+    ):
+        _refuse_first(keys, values, label)
+    return dtypes, devices
+
+
+def _refuse_first(keys: list[Any], values: list[Any], label: str) -> None:
+    """The per-tensor checks, in key order: raises the first problem."""
+    for key, value in zip(keys, values):
         if not isinstance(key, str):
             raise AdapterError(f"state dict key {key!r} is not a string", label)
         if not isinstance(value, torch.Tensor):
@@ -184,10 +191,6 @@ def _checked_state_dict(pairs: Iterable[tuple[Any, Any]], config: dict | None, l
             raise AdapterError(f"{value.layout} tensors cannot be merged; pass dense tensors", label, key)
         if value.device.type == "meta":
             raise AdapterError("is a meta tensor (no data); load the weights before merging", label, key)
-        tensors[key] = value.detach()
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    dtypes = {k: v.dtype for k, v in tensors.items()}
-    return AdapterSource(label, config, shapes, dtypes, tensors.__getitem__)
 
 
 def _weights_only_reason(exc: Exception) -> str:
