@@ -14,6 +14,8 @@ compiled backends do (``backends/tables.py``), then returns the outputs uncomput
 
 ``--groups cuda`` (default) puts the whole plan in one group, as merge() does for
 CUDA-resident inputs; ``--groups cpu`` uses the in-memory CPU default (256 MB groups).
+``--partial`` drops one module from the last adapter, so the plan cannot take its
+uniform-adapters shortcut and checks every (module, adapter) pair.
 Figures are CPU-time medians (time.process_time, so waiting for a core on a shared machine
 does not count); ``yardstick_ms`` is ``sum(range(10**6))`` timed in the same run, to
 compare machines and loads. These are host (Python) costs on this CPU, not GPU figures.
@@ -59,9 +61,13 @@ def register_hostonly() -> None:
     register_backend(HOSTONLY, HostOnlyBackend, devices=("cpu",), priority=-1)
 
 
-def measure(shape: str, T: int, dtype: str, rounds: int, groups: str) -> dict[str, float]:
+def measure(shape: str, T: int, dtype: str, rounds: int, groups: str, partial: bool = False) -> dict[str, float]:
     register_hostonly()
     adapters = synthetic.synthetic_adapters(shape, T, dtype=DTYPES[dtype])
+    if partial:  # the last adapter lacks its first module: the plan checks every adapter of every module
+        state, _ = adapters[-1]
+        for key in [k for k in state if ".lora_" in k][:2]:
+            del state[key]
     group_bytes = CUDA_RESIDENT_GROUP_BYTES if groups == "cuda" else None
     params = RobustMergeParams()
     sources = [open_adapter(a, i) for i, a in enumerate(adapters)]
@@ -97,12 +103,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--groups", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--partial", action="store_true", help="one module missing from the last adapter")
     args = p.parse_args(argv)
-    row = measure(args.shape, args.T, args.dtype, args.rounds, args.groups)
+    row = measure(args.shape, args.T, args.dtype, args.rounds, args.groups, args.partial)
     n = len(synthetic.module_list(args.shape))
     print(
-        f"{args.shape} T={args.T} {args.dtype}, {args.groups} grouping: {n} modules, {2 * n * args.T} LoRA "
-        f"tensors (CPU ms, median of {args.rounds})"
+        f"{args.shape} T={args.T} {args.dtype}{' partial' if args.partial else ''}, {args.groups} grouping: {n} "
+        f"modules, {2 * n * args.T} LoRA tensors (CPU ms, median of {args.rounds})"
     )
     for key, value in row.items():
         print(f"  {key:26s} {value:8.3f}")

@@ -30,9 +30,9 @@ def _plan(adapters, dtype=None):
 
 
 def _per_adapter_plan(adapters, monkeypatch, dtype=None):
-    """The plan with the uniform shortcut off: every module checked once per adapter."""
+    """The plan with the shortcut off: every module checked once per adapter."""
     with monkeypatch.context() as m:
-        m.setattr(plan_mod, "_uniform", lambda *args: False)
+        m.setattr(plan_mod, "_classes", lambda *args: None)
         return _plan(adapters, dtype)
 
 
@@ -66,7 +66,40 @@ def _uniform_cases():
         "fp16-default-dtype": (_pairs(dtype=torch.float16), None),
         "bf16-to-fp16": (_pairs(dtype=torch.bfloat16), torch.float16),
         "llava-hf-layout-with-projector": (_llava_pairs(), None),
+        "llava-two-layouts": (_llava_pairs()[:2] + [_original_layout(_llava_pairs()[2])], None),
+        "partial-module": (pairs[:2] + [lora_pair(2, modules=("q",))], None),
+        "two-dtypes": (pairs[:2] + [lora_pair(2, dtype=torch.bfloat16)], None),
+        "float64-first": ([lora_pair(0, dtype=torch.float64)] + pairs[1:], None),  # its dtype is the output's
+        "embedding-then-linear-spelling": ([_embedding_spelling(pairs[0])] + pairs[1:], None),
+        "two-classes-with-patterns": (patterned[:1] + [lora_pair(7, modules=("v", "q"))] + patterned[2:], None),
+        "more-classes-than-the-shortcut-takes": (_distinct_key_lists(plan_mod.MAX_CLASSES + 1), None),
     }
+
+
+def _original_layout(adapter):
+    """The same adapter as original LLaVA names it (another key list)."""
+    sd, cfg = adapter
+    rename = {"model.language_model.": "model.", "model.multi_modal_projector.linear_1.": "model.mm_projector.0."}
+    out = {}
+    for key, value in sd.items():
+        for old, new in rename.items():
+            key = key.replace("base_model.model." + old, "base_model.model." + new)
+        out[key] = value
+    return out, cfg
+
+
+def _embedding_spelling(adapter):
+    """The adapter with its factors saved as PEFT saves an embedding's (the first spelling names the output)."""
+    sd, cfg = adapter
+    return {k.replace(".lora_A.weight", ".lora_embedding_A").replace(".lora_B.weight", ".lora_embedding_B"): v
+            for k, v in sd.items()}, cfg  # fmt: skip
+
+
+def _distinct_key_lists(T):
+    out = []
+    for sd, cfg in _pairs(T):
+        out.append(({**sd, f"base_model.model.extra_{len(out)}.weight": torch.ones(2)}, cfg))
+    return out
 
 
 def _llava_pairs(T=3):
@@ -83,7 +116,7 @@ def _llava_pairs(T=3):
 
 
 @pytest.mark.parametrize("case", sorted(_uniform_cases()))
-def test_uniform_plan_equals_the_per_adapter_plan(case, monkeypatch):
+def test_shortcut_plan_equals_the_per_adapter_plan(case, monkeypatch):
     adapters, dtype = _uniform_cases()[case]
     fast = _plan(adapters, dtype)
     slow = _per_adapter_plan(adapters, monkeypatch, dtype)
@@ -117,15 +150,36 @@ def _failing_uniform_cases():
         "config r differs": _with_config(pairs, r=8),
         "pattern r differs": _with_config(pairs, rank_pattern={"v": 2}),
         "scaling ratio underflows": huge,
+        "rank differs between classes": pairs[:2] + [lora_pair(2, r=2)],
+        "base shape differs between classes": [lora_pair(2, n=5)] + pairs[1:],
+        "one class breaks": pairs[:1] + _break(pairs[1:], "v.lora_A.weight", torch.ones(4, 12, dtype=torch.int8)),
     }
 
 
 @pytest.mark.parametrize("case", sorted(_failing_uniform_cases()))
-def test_uniform_plan_raises_the_per_adapter_error(case, monkeypatch):
+def test_shortcut_plan_raises_the_per_adapter_error(case, monkeypatch):
     adapters = _failing_uniform_cases()[case]
     expected = _error(lambda: _per_adapter_plan(adapters, monkeypatch))
     assert _error(lambda: _plan(adapters)) == expected
     assert "adapter #" in expected  # named, as every plan error is
+    assert _classes_taken(adapters)
+
+
+def _classes_taken(adapters):
+    """The case is one the shortcut sees (not left to the per-adapter plan from the start)."""
+    sources = [open_adapter(a, i) for i, a in enumerate(adapters)]
+    return plan_mod._classes(sources, [plan_mod._collect(s) for s in sources]) is not None
+
+
+def test_adapter_classes_are_their_keys_shapes_and_dtypes():
+    def classes(adapters):
+        sources = [open_adapter(a, i) for i, a in enumerate(adapters)]
+        return plan_mod._classes(sources, [plan_mod._collect(s) for s in sources])
+
+    assert classes(_pairs(4)) == [0, 0, 0, 0]
+    assert classes([lora_pair(0), lora_pair(1, r=2), lora_pair(2), lora_pair(3, dtype=torch.float16)]) == [0, 1, 0, 2]
+    assert classes([lora_pair(0), lora_pair(1, modules=("v", "q"))]) == [0, 1]  # another key order
+    assert classes(_distinct_key_lists(plan_mod.MAX_CLASSES + 1)) is None
 
 
 def test_a_key_list_reused_with_other_shapes_and_dtypes_is_planned_anew():
