@@ -221,6 +221,16 @@ class RobustMergeRun:
 
     def _load_group(self, group: list[ModulePlan], scan: bool) -> list[ModuleInputs]:
         src = self.sources
+        direct = None if scan else self._resident()
+        if direct is not None:  # what load() returns, without a call per tensor
+            return [
+                ModuleInputs(
+                    m,
+                    [direct[t][k] for t, k in zip(m.members, m.a_keys)],
+                    [direct[t][k] for t, k in zip(m.members, m.b_keys)],
+                )
+                for m in group
+            ]
         return [
             ModuleInputs(
                 m,
@@ -229,6 +239,14 @@ class RobustMergeRun:
             )
             for m in group
         ]
+
+    def _resident(self) -> list[dict[str, torch.Tensor]] | None:
+        """Each source's tensors when every source is a state dict already on the merge
+        device: then load() (without the finiteness scan) is a dict lookup returning the
+        tensor itself (Tensor.to returns self on its own device), so the lookups suffice."""
+        if self.from_files or any(s.tensors is None or s.device != self.device for s in self.sources):
+            return None
+        return [s.tensors for s in self.sources]
 
     def _merge_group(self, inputs: list[ModuleInputs]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         src = self.sources

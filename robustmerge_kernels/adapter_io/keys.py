@@ -16,6 +16,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
+
+# Every function below that maps a key string to a result is pure (string in, immutable
+# value out), and a merge of T adapters asks the same key strings T times, merge after
+# merge: they are memoised. Shapes and dtypes are never part of these results, so a key
+# reused with another shape or dtype is re-checked by the plan (plan.py) as before.
+_KEY_CACHE = 1 << 16  # distinct key strings remembered (a few MB at most)
 
 # module, factor, optional adapter name, optional ".weight"
 _FACTOR = re.compile(
@@ -42,6 +49,7 @@ class FactorKey:
 _SAVED_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 
 
+@lru_cache(maxsize=_KEY_CACHE)
 def parse_factor(key: str) -> FactorKey | None:
     """Return the LoRA factor a key holds, or None when it is not a LoRA A/B factor."""
     suffix = key[-14:]  # the common saved form, without a regular expression (planning hot path)
@@ -56,6 +64,7 @@ def parse_factor(key: str) -> FactorKey | None:
     return FactorKey(module=m.group("module"), factor=factor[-1], embedding="embedding" in factor)
 
 
+@lru_cache(maxsize=_KEY_CACHE)
 def unsupported_lora_part(key: str) -> str | None:
     """Name of the LoRA part for keys that are LoRA but not an A/B factor (None otherwise)."""
     if parse_factor(key) is not None:
@@ -91,6 +100,7 @@ _LAYOUT_REWRITES = tuple(  # applied at the start of the name below PEFT's prefi
 )
 
 
+@lru_cache(maxsize=_KEY_CACHE)
 def canonical_name(name: str) -> str:
     """The original-LLaVA spelling of a module or tensor name (other names unchanged)."""
     prefix = PEFT_PREFIX if name.startswith(PEFT_PREFIX) else ""
@@ -122,6 +132,7 @@ def _split(name: str) -> tuple[str, str]:
     return prefix, name[len(prefix) :] + "."
 
 
+@lru_cache(maxsize=_KEY_CACHE)
 def layout_of(name: str) -> str | None:
     """The LLaVA layout a module or tensor name is spelled in (None: not a layout name)."""
     _, rest = _split(name)
@@ -149,6 +160,7 @@ def spell(canonical: str, layout: str) -> str:
     return prefix + rest[:-1]
 
 
+@lru_cache(maxsize=_KEY_CACHE)
 def output_name(canonical: str, first_spelling: str, layout: str | None) -> str:
     """The output spelling of a module or tensor: in the output layout when it is a layout
     name, else as the first adapter that carries it spells it."""

@@ -89,5 +89,10 @@ class ScalingRule:
         patterned = config.get("rank_pattern") or config.get("alpha_pattern")
         self._constant = None if patterned else module_scaling(config, "")
 
+    @property
+    def constant(self) -> tuple[int, float, float] | None:
+        """(r, lora_alpha, scaling) of every module, or None when patterns make it vary."""
+        return self._constant
+
     def __call__(self, module: str) -> tuple[int, float, float]:
         return self._constant or module_scaling(self.config, module)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -40,9 +42,22 @@ class AdapterSource:
     shard_paths: list[str] = field(default_factory=list)  # sharded weights: every shard file
     hub: Any = None  # hub.HubAdapter: the Hub id and commit this folder was resolved from
     _rows: Any = None  # callable (key, start, stop) -> rows of a file-backed tensor, read alone
+    # In-memory state dicts: the tensors ``get`` returns (a plain lookup, nothing to read or
+    # wrap) and their one device (None when they are on several), so the pipeline can take
+    # them as they are (RobustMergeRun._load_group). None for every other source.
+    tensors: dict[str, torch.Tensor] | None = None
+    device: torch.device | None = None
 
     def keys(self) -> list[str]:
         return list(self._shapes)
+
+    def all_shapes(self) -> list[tuple[int, ...]]:
+        """Every tensor's shape, in the order of keys()."""
+        return list(self._shapes.values())
+
+    def all_dtypes(self) -> list[torch.dtype]:
+        """Every tensor's dtype, in the order of keys()."""
+        return list(self._dtypes.values())
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
@@ -123,11 +138,51 @@ def _open_safetensors(path: str, label: str, folder: str | None = None) -> Adapt
     return AdapterSource(label, None, f.shapes, f.dtypes, f.read, path=path, closer=f.close, _rows=f.read_rows)
 
 
+# Header reads of one attribute over many tensors at once (map calls them from C: about
+# 0.05 us per tensor instead of a Python loop's 1-2 us per check).
+_LAYOUT, _IS_NESTED, _IS_QUANTIZED = attrgetter("layout"), attrgetter("is_nested"), attrgetter("is_quantized")
+_DEVICE, _REQUIRES_GRAD = attrgetter("device"), attrgetter("requires_grad")
+_SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")
+
+
 def _from_state_dict(state_dict: Mapping[str, Any], config: dict | None, label: str) -> AdapterSource:
     if not isinstance(state_dict, Mapping):
         raise AdapterError(f"expected a state dict (mapping of str to tensor), got {type(state_dict).__name__}", label)
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
+    keys, values = list(state_dict), list(state_dict.values())  # no (key, value) tuple per tensor
+    dtypes, devices = _checked_headers(keys, values, label)
+    if set(map(type, values)) == {torch.Tensor} and not any(map(_REQUIRES_GRAD, values)):
+        tensors = dict(zip(keys, values))  # detach() would return an equal alias: nothing to cut from autograd
+    else:
+        tensors = {k: v.detach() for k, v in zip(keys, values)}
+    # Plain tuples, not torch.Size: the garbage collector untracks a tuple of ints, so the
+    # shapes of thousands of tensors do not keep promoting objects towards a full collection.
+    shapes = dict(zip(keys, map(tuple, map(_SHAPE, values))))
+    source = AdapterSource(label, config, shapes, dict(zip(keys, dtypes)), tensors.__getitem__)
+    source.tensors = tensors
+    source.device = next(iter(devices)) if len(devices) == 1 else None
+    return source
+
+
+def _checked_headers(keys: list[Any], values: list[Any], label: str) -> tuple[list[torch.dtype], set[torch.device]]:
+    """(dtypes, devices) of the tensors, after the checks of _refuse_first made over all
+    tensors at once; when one fails, _refuse_first names the first tensor that fails it."""
+    if not (all(map(isinstance, keys, repeat(str))) and all(map(isinstance, values, repeat(torch.Tensor)))):
+        _refuse_first(keys, values, label)
+    dtypes, devices = list(map(_DTYPE, values)), set(map(_DEVICE, values))
+    if not (
+        set(map(_LAYOUT, values)) <= {torch.strided}
+        and not any(map(_IS_NESTED, values))
+        # quantized tensors never have a floating-point dtype: only other dtypes need the flag read
+        and (all(d.is_floating_point for d in set(dtypes)) or not any(map(_IS_QUANTIZED, values)))
+        and all(d.type != "meta" for d in devices)
+    ):
+        _refuse_first(keys, values, label)
+    return dtypes, devices
+
+
+def _refuse_first(keys: list[Any], values: list[Any], label: str) -> None:
+    """The per-tensor checks, in key order: raises the first problem."""
+    for key, value in zip(keys, values):
         if not isinstance(key, str):
             raise AdapterError(f"state dict key {key!r} is not a string", label)
         if not isinstance(value, torch.Tensor):
@@ -136,10 +191,6 @@ def _from_state_dict(state_dict: Mapping[str, Any], config: dict | None, label: 
             raise AdapterError(f"{value.layout} tensors cannot be merged; pass dense tensors", label, key)
         if value.device.type == "meta":
             raise AdapterError("is a meta tensor (no data); load the weights before merging", label, key)
-        tensors[key] = value.detach()
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    dtypes = {k: v.dtype for k, v in tensors.items()}
-    return AdapterSource(label, config, shapes, dtypes, tensors.__getitem__)
 
 
 def _weights_only_reason(exc: Exception) -> str:
@@ -194,6 +245,7 @@ def _attach_non_lora(source: AdapterSource, extra: AdapterSource) -> None:
         source._dtypes[key] = extra.dtype(key)
         source.file_of[key] = NON_LORA_NAME
     main_loader = source._loader
+    source.tensors = None  # get() is no longer a plain lookup
     source._loader = lambda key: extra.get(key) if key in source.file_of else main_loader(key)
 
 
