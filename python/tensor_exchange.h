@@ -231,6 +231,63 @@ inline int64_t fill_tables(pybind11::list group, pybind11::list out_a, pybind11:
   return -1;
 }
 
+// The headers of a state dict's values in one pass: (dtypes, shapes, devices) with dtypes
+// mapped through `dtypes_by_code` (a dict from code * 256 + bits, lanes 1, to the torch
+// dtype), shapes as tuples of ints and devices as the distinct (device_type, device_id)
+// pairs; or None when any value is not of one of `types` exactly, cannot be read through the
+// exchange API (sparse, quantized, meta tensors raise there) or has a dtype not in the
+// dict, so that the Python layer makes its per-tensor checks (adapter_io/sources.py).
+inline pybind11::object read_headers(pybind11::list values, pybind11::handle api_capsule, pybind11::tuple types,
+                                     pybind11::dict dtypes_by_code) {
+  namespace py = pybind11;
+  const dlpack::ExchangeAPI* api = dlpack::exchange_api(api_capsule);
+  const Py_ssize_t n = PyList_GET_SIZE(values.ptr()), n_types = PyTuple_GET_SIZE(types.ptr());
+  py::list dtypes(n), shapes(n), devices;
+  int64_t seen[8][2];  // distinct devices so far (a state dict spans one or two)
+  int n_seen = 0;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyList_GET_ITEM(values.ptr(), i);
+    bool type_ok = false;
+    for (Py_ssize_t j = 0; j < n_types && !type_ok; ++j)
+      type_ok = reinterpret_cast<PyObject*>(Py_TYPE(obj)) == PyTuple_GET_ITEM(types.ptr(), j);
+    if (!type_ok) return py::none();
+    dlpack::Tensor t;
+    if (api->dltensor_from_py_object_no_sync(obj, &t) != 0) {
+      PyErr_Clear();
+      return py::none();
+    }
+    if (t.dtype.lanes != 1 || t.ndim < 0) return py::none();
+    PyObject* dtype = PyDict_GetItemWithError(dtypes_by_code.ptr(), py::int_(int(t.dtype.code) * 256 + t.dtype.bits).ptr());
+    if (!dtype) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return py::none();
+    }
+    PyObject* shape = PyTuple_New(t.ndim);
+    if (!shape) throw py::error_already_set();
+    for (int32_t d = 0; d < t.ndim; ++d) {
+      PyObject* size = PyLong_FromLongLong(t.shape[d]);
+      if (!size) {
+        Py_DECREF(shape);
+        throw py::error_already_set();
+      }
+      PyTuple_SET_ITEM(shape, d, size);
+    }
+    Py_INCREF(dtype);
+    PyList_SET_ITEM(dtypes.ptr(), i, dtype);
+    PyList_SET_ITEM(shapes.ptr(), i, shape);
+    int k = 0;
+    while (k < n_seen && (seen[k][0] != t.device.device_type || seen[k][1] != t.device.device_id)) ++k;
+    if (k == n_seen) {
+      if (n_seen == 8) return py::none();  // more devices than a merge accepts anyway: let Python say so
+      seen[n_seen][0] = t.device.device_type;
+      seen[n_seen][1] = t.device.device_id;
+      ++n_seen;
+      devices.append(py::make_tuple(t.device.device_type, t.device.device_id));
+    }
+  }
+  return py::make_tuple(dtypes, shapes, devices);
+}
+
 inline void add_tensor_exchange(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("fill_tables", &fill_tables, py::arg("group"), py::arg("out_a"), py::arg("out_b"), py::arg("modules"),
@@ -240,6 +297,10 @@ inline void add_tensor_exchange(pybind11::module_& m) {
         "Fill a group's module, item and b_scale tables from its ModuleInputs through the DLPack C exchange "
         "API; -1, or the flat position (A inputs, B inputs, outputs) of the first tensor the fast path does "
         "not take.");
+  m.def("read_headers", &read_headers, py::arg("values"), py::arg("api"), py::arg("types"),
+        py::arg("dtypes_by_code"),
+        "(dtypes, shapes, devices) of a list of tensors through the DLPack C exchange API, or None when the "
+        "fast path does not take one of them.");
   m.def("check_exchange_api", [](py::handle capsule) {
     const dlpack::ExchangeAPI* api = dlpack::exchange_api(capsule);
     return py::make_tuple(api->header.version.major, api->header.version.minor);

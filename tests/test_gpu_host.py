@@ -321,3 +321,57 @@ def test_exchange_path_reads_cuda_tensors(seed):
     same_tables(fast, tables._checked_tables(group, params, device))
     group[0].b[0] = group[0].b[0].cpu()
     assert _exchange_only(group, params, device) is None
+
+
+# ---- state-dict headers through the exchange API (adapter_io/sources.py)
+
+
+def _python_headers(values):
+    return [x.dtype for x in values], [tuple(x.shape) for x in values], {x.device for x in values}
+
+
+@needs_exchange
+def test_read_headers_gives_what_torch_reports():
+    assert tables._headers_usable()
+    storage = torch.randn(100)
+    values = [torch.randn(3, 4), torch.nn.Parameter(torch.randn(5)), torch.empty(()), torch.empty(0, 7),
+              storage[10:40].view(5, 6).t(), torch.zeros(2, 2, dtype=torch.bool), torch.ones(4, dtype=torch.int64),
+              torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.complex64)]  # fmt: skip
+    read = tables.read_headers(values)
+    assert read is not None and read == _python_headers(values)
+    assert all(type(s) is tuple for s in read[1])  # plain tuples (untracked by the GC), not torch.Size
+
+
+@needs_exchange
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: torch.zeros(2, 3).to_sparse(), id="sparse-coo"),
+        pytest.param(lambda: torch.zeros(2, 3).to_sparse_csr(), id="sparse-csr"),
+        pytest.param(lambda: torch.zeros(2, 3).to_mkldnn(), id="mkldnn"),
+        pytest.param(lambda: torch.zeros(2, 3, device="meta"), id="meta"),
+        pytest.param(lambda: torch.zeros(3, dtype=torch.float8_e4m3fn), id="float8-unmapped"),
+        pytest.param(lambda: torch.zeros(3).as_subclass(_Sub), id="subclass"),
+        pytest.param(lambda: "not a tensor", id="not-a-tensor"),
+    ],
+)
+def test_read_headers_leaves_the_unusual_to_python(make):
+    """Whatever the Python checks refuse or treat specially is never taken by the C pass."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        odd = make()
+    assert tables.read_headers([torch.zeros(2), odd]) is None
+
+
+def test_state_dict_headers_equal_with_and_without_the_exchange(monkeypatch):
+    from robustmerge_kernels.adapter_io.sources import _from_state_dict
+
+    sd = {"a.lora_A.weight": torch.randn(4, 6), "a.lora_B.weight": torch.nn.Parameter(torch.randn(5, 4)),
+          "x.bias": torch.zeros(5, dtype=torch.bfloat16)}  # fmt: skip
+    fast = _from_state_dict(sd, None, "adapter 0")
+    monkeypatch.setattr(tables, "read_headers", lambda values: None)
+    slow = _from_state_dict(sd, None, "adapter 0")
+    assert (fast._shapes, fast._dtypes, fast.device) == (slow._shapes, slow._dtypes, slow.device)
+    assert fast._shapes == {k: tuple(v.shape) for k, v in sd.items()}

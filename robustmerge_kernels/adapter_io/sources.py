@@ -149,24 +149,35 @@ def _from_state_dict(state_dict: Mapping[str, Any], config: dict | None, label: 
     if not isinstance(state_dict, Mapping):
         raise AdapterError(f"expected a state dict (mapping of str to tensor), got {type(state_dict).__name__}", label)
     keys, values = list(state_dict), list(state_dict.values())  # no (key, value) tuple per tensor
-    dtypes, devices = _checked_headers(keys, values, label)
+    dtypes, shapes_list, devices = _checked_headers(keys, values, label)
     if set(map(type, values)) == {torch.Tensor} and not any(map(_REQUIRES_GRAD, values)):
         tensors = dict(zip(keys, values))  # detach() would return an equal alias: nothing to cut from autograd
     else:
         tensors = {k: v.detach() for k, v in zip(keys, values)}
-    # Plain tuples, not torch.Size: the garbage collector untracks a tuple of ints, so the
-    # shapes of thousands of tensors do not keep promoting objects towards a full collection.
-    shapes = dict(zip(keys, map(tuple, map(_SHAPE, values))))
+    shapes = dict(zip(keys, shapes_list))
     source = AdapterSource(label, config, shapes, dict(zip(keys, dtypes)), tensors.__getitem__)
     source.tensors = tensors
     source.device = next(iter(devices)) if len(devices) == 1 else None
     return source
 
 
-def _checked_headers(keys: list[Any], values: list[Any], label: str) -> tuple[list[torch.dtype], set[torch.device]]:
-    """(dtypes, devices) of the tensors, after the checks of _refuse_first made over all
-    tensors at once; when one fails, _refuse_first names the first tensor that fails it."""
-    if not (all(map(isinstance, keys, repeat(str))) and all(map(isinstance, values, repeat(torch.Tensor)))):
+def _checked_headers(
+    keys: list[Any], values: list[Any], label: str
+) -> tuple[list[torch.dtype], list[tuple[int, ...]], set[torch.device]]:
+    """(dtypes, shapes, devices) of the tensors, after the checks of _refuse_first made over
+    all tensors at once; when one fails, _refuse_first names the first tensor that fails it.
+
+    Shapes are plain tuples, not torch.Size: the garbage collector untracks a tuple of ints,
+    so the shapes of thousands of tensors do not keep promoting objects towards a full
+    collection."""
+    from ..backends.tables import read_headers  # the compiled reader, where torch and the build allow
+
+    if not all(map(isinstance, keys, repeat(str))):
+        _refuse_first(keys, values, label)
+    fast = read_headers(values)  # one C pass; it takes only dense, strided, non-meta plain tensors
+    if fast is not None:
+        return fast
+    if not all(map(isinstance, values, repeat(torch.Tensor))):
         _refuse_first(keys, values, label)
     dtypes, devices = list(map(_DTYPE, values)), set(map(_DEVICE, values))
     if not (
@@ -177,7 +188,7 @@ def _checked_headers(keys: list[Any], values: list[Any], label: str) -> tuple[li
         and all(d.type != "meta" for d in devices)
     ):
         _refuse_first(keys, values, label)
-    return dtypes, devices
+    return dtypes, list(map(tuple, map(_SHAPE, values))), devices
 
 
 def _refuse_first(keys: list[Any], values: list[Any], label: str) -> None:

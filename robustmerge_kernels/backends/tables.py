@@ -185,6 +185,62 @@ def _exchange_reads_like_torch(exchange) -> bool:
     )
 
 
+# DLPack (type code, bits) of torch dtypes, as code * 256 + bits: kDLInt 0, kDLUInt 1,
+# kDLFloat 2, kDLBfloat 4, kDLComplex 5, kDLBool 6. Checked once against torch's own answers.
+_DLPACK_DTYPES = {
+    2 * 256 + 32: torch.float32, 2 * 256 + 64: torch.float64, 2 * 256 + 16: torch.float16,
+    4 * 256 + 16: torch.bfloat16, 0 * 256 + 8: torch.int8, 0 * 256 + 16: torch.int16, 0 * 256 + 32: torch.int32,
+    0 * 256 + 64: torch.int64, 1 * 256 + 8: torch.uint8, 6 * 256 + 8: torch.bool, 5 * 256 + 64: torch.complex64,
+    5 * 256 + 128: torch.complex128,
+}  # fmt: skip
+
+
+def read_headers(values: list[Any]) -> tuple[list[torch.dtype], list[tuple[int, ...]], set[torch.device]] | None:
+    """(dtype, shape) per tensor and the set of their devices, read in one C pass through the
+    DLPack exchange API; None when that path is unavailable or does not take every value
+    (a subclass, a sparse, quantized, nested or meta tensor, another dtype or device):
+    the caller then reads the attributes itself and names whatever is wrong."""
+    if not _headers_usable():
+        return None
+    ext, capsule, types = _exchange()
+    read = ext.read_headers(values, capsule, types, _DLPACK_DTYPES)
+    if read is None:
+        return None
+    dtypes, shapes, pairs = read
+    devices = set()
+    for pair in pairs:
+        device = _torch_device(*pair)
+        if device is None:
+            return None
+        devices.add(device)
+    return dtypes, shapes, devices
+
+
+def _torch_device(device_type: int, device_id: int) -> torch.device | None:
+    """The torch device of a DLPack (type, id) as torch reports its own tensors."""
+    if device_type == 1:
+        return torch.device("cpu")
+    if device_type == (10 if torch.version.hip else 2):
+        return torch.device("cuda", device_id)
+    return None
+
+
+@functools.cache
+def _headers_usable() -> bool:
+    """Whether read_headers gives torch's answers for a tensor of each dtype it maps."""
+    exchange = _exchange()
+    if exchange is None or not hasattr(exchange[0], "read_headers"):
+        return False
+    ext, capsule, types = exchange
+    samples = [torch.empty(2, 3, dtype=d) for d in _DLPACK_DTYPES.values()] + [torch.empty(()), torch.empty(0, 5)]
+    read = ext.read_headers(samples, capsule, types, _DLPACK_DTYPES)
+    return read is not None and (read[0], read[1], read[2]) == (
+        [x.dtype for x in samples],
+        [tuple(x.shape) for x in samples],
+        [(1, 0)],
+    )
+
+
 def _dlpack_device(device: torch.device) -> tuple[int, int] | None:
     """(DLPack device type, id) as torch reports ``device``; None for devices not handled."""
     if device.type == "cpu":
