@@ -25,11 +25,14 @@
 // are the code's own loops, run as written, so their results are the device's.
 //
 // What it checks: indexing, grids, digit schedule, barrier and warp-intrinsic uniformity,
-// shared memory read before written, alignment of vector loads, the arrival protocol's
-// counting and publication, every value the kernels compute. What it cannot: memory
-// ordering between blocks (fences, L1/L2 coherence), real concurrency of blocks (they never
-// overlap here), timing, resource limits (registers, shared memory size), and device code
-// generation (nvcc's own compile is checked by the real build).
+// missing barriers inside a block (the random thread order), shared memory read before the
+// block wrote it (poisoned: shows in the results), alignment of vector loads, the arrival
+// protocol's counting and publication, every value the kernels compute. What it cannot:
+// memory ordering between blocks (fences, L1/L2 coherence), real concurrency of blocks
+// (they never overlap here), out-of-bounds accesses that stay inside the process's memory
+// (no bounds checks; a wild one crashes the process), timing, resource limits (registers,
+// shared memory size), and device code generation (nvcc's own compile, checked by the real
+// build).
 #pragma once
 #include <ucontext.h>
 
