@@ -15,7 +15,8 @@
 // throw emu::Fault (from the host stack, so a caller can report it): a barrier that some
 // threads never reach (divergent __syncthreads, a non-uniform early return) as "deadlock",
 // a load through __ldg / __ldcg not aligned to its type (16 bytes for uint4), a partial warp
-// mask, a block of other than whole warps.
+// mask, a block of other than whole warps, and an access of a kernel thread that faults
+// (SIGSEGV / SIGBUS while a kernel thread runs, as an illegal address ends a kernel).
 //
 // Arithmetic. __fadd_rn / __fmul_rn are the host's IEEE float add / multiply (round to
 // nearest even); double and float code is the host's SSE arithmetic. Build with
@@ -34,6 +35,7 @@
 // shared memory size), and device code generation (nvcc's own compile, checked by the real
 // build).
 #pragma once
+#include <signal.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -141,6 +143,9 @@ struct Fault : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 inline std::string fault_what;  // set by fault(), thrown by run_block
+inline char signal_what[96];    // set by on_bad_access (no allocation in a signal handler)
+inline volatile sig_atomic_t in_kernel = 0;  // a kernel thread runs (not the scheduler)
+inline struct sigaction old_segv, old_bus;
 // The current thread did what the hardware refuses: its block stops here (the fibers are
 // abandoned; kernels hold nothing that needs destroying) and run_block throws.
 [[noreturn]] inline void fault(const std::string& what) {
@@ -148,6 +153,37 @@ inline std::string fault_what;  // set by fault(), thrown by run_block
   switch_to(fibers[cur].ctx, sched);  // never resumed
   std::abort();
 }
+// SIGSEGV / SIGBUS: a kernel thread's bad access stops its block as fault() does (the
+// handler never returns; SA_NODEFER leaves the signal unblocked). Outside a kernel thread
+// the emulator itself is wrong: the previous handlers are put back and the access retried.
+inline void on_bad_access(int sig, siginfo_t* info, void*) {
+  if (!in_kernel) {
+    sigaction(SIGSEGV, &old_segv, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
+    return;
+  }
+  in_kernel = 0;
+  std::snprintf(signal_what, sizeof signal_what, "emu: %s at address %p", sig == SIGBUS ? "bus error" : "invalid access",
+                info->si_addr);
+  switch_to(fibers[cur].ctx, sched);  // never resumed
+}
+struct BadAccessGuard {  // on_bad_access for the duration of a launch
+  BadAccessGuard() {
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_bad_access;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old_segv);
+    sigaction(SIGBUS, &sa, &old_bus);
+  }
+  ~BadAccessGuard() {
+    sigaction(SIGSEGV, &old_segv, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
+  }
+  BadAccessGuard(const BadAccessGuard&) = delete;
+  BadAccessGuard& operator=(const BadAccessGuard&) = delete;
+};
 inline void entry() {
   (*body)();
   fibers[cur].done = true;
@@ -204,7 +240,10 @@ inline void run_block(unsigned block, unsigned nthreads, const std::function<voi
       ran = true;
       cur = int(i);
       threadIdx.x = i;
+      in_kernel = 1;
       switch_to(sched, fb.ctx);
+      in_kernel = 0;
+      if (signal_what[0]) fault_what = signal_what, signal_what[0] = 0;
       if (!fault_what.empty())
         throw Fault(fault_what + " (block " + std::to_string(block) + ", thread " + std::to_string(i) + ")");
       live -= fb.done;
@@ -228,6 +267,7 @@ inline void launch(int64_t grid, unsigned threads, uint64_t seed, const std::fun
   std::iota(order.begin(), order.end(), 0u);
   std::shuffle(order.begin(), order.end(), order_rng);
   gridDim.x = unsigned(grid);
+  const BadAccessGuard guard;
   for (unsigned b : order) run_block(b, threads, kernel);
 }
 
@@ -246,9 +286,11 @@ inline std::array<T, 32> warp_gather(unsigned mask, T v) {
 }
 template <class T>
 inline void check_aligned(const T* p, const char* what) {
-  if (reinterpret_cast<uintptr_t>(p) % alignof(T))
-    fault("emu: misaligned " + std::to_string(sizeof(T)) + "-byte " + what + " at " +
-          std::to_string(reinterpret_cast<uintptr_t>(p)));
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T)) {
+    char where[32];
+    std::snprintf(where, sizeof where, "%p", static_cast<const void*>(p));
+    fault("emu: misaligned " + std::to_string(sizeof(T)) + "-byte " + what + " at " + where);
+  }
 }
 }  // namespace emu
 
