@@ -98,12 +98,8 @@ static int run_case(const char* name, std::vector<Module>& mods, int64_t split_e
   std::memset(ws + hp.upload, 0, hp.total - hp.upload);  // the launcher's memset
   const DevicePlan p = hp.device_plan(ws, 2.0f);
   const std::vector<int64_t> grids = hp.select_grids();
-  for (size_t pass = 0; pass < grids.size(); ++pass) {
-    std::vector<unsigned> order(grids[pass]);
-    for (unsigned b = 0; b < order.size(); ++b) order[b] = b;
-    std::shuffle(order.begin(), order.end(), rng);
-    for (unsigned b : order) emu::run_block(b, kSelectThreads, [&] { select_kernel(p, int(pass)); });
-  }
+  for (size_t pass = 0; pass < grids.size(); ++pass)  // blocks in a shuffled order
+    emu::launch(grids[pass], kSelectThreads, rng(), [&] { select_kernel(p, int(pass)); });
   int bad = 0;
   int64_t item = 0;
   for (auto& md : mods) {

@@ -1,20 +1,78 @@
-// The host side of a CUDA merge that needs no CUDA call: the derived tables, the workspace
-// layout and the selection's launch plan of validated plan tables (HostPlan). The launcher
-// (launch.cuh) uploads and launches from it; the binding's workspace_size / select_plan
-// report it; tests/cuda_emu runs the selection kernel on it on the CPU.
+// The host side of a CUDA merge that needs no CUDA call: validation of the host tables, the
+// derived tables, the workspace layout, the kernel launches in stream order and the result
+// copies of validated plan tables (HostPlan). The launcher (launch.cuh) uploads, launches
+// and copies from it; the binding's workspace_size / select_plan report it;
+// tests/cuda_emu runs every kernel on it on the CPU (merge_emu.cpp), so the emulated merge
+// and the real one make the same launches.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "../tables.h"  // MergeTables
+#include "../tables.h"  // MergeTables, robustmerge::validate (the CPU kernel's checks and messages)
 #include "device_plan.cuh"
 
 namespace robustmerge {
 namespace cuda {
+
+// The conditions of robustmerge::validate (tables.h), without a std::string per
+// row: true when the tables are valid. Keep in step with that function; validate() below
+// falls back to it for the message, and tests/test_cuda_backend.py checks every message.
+inline bool tables_valid(const MergeTables& t) {
+  if (t.n_items < 1 || t.n_modules < 1) return false;
+  if (!t.items || !t.modules || !t.b_scale || !t.status) return false;
+  int64_t expected_first = 0;
+  for (int64_t m = 0; m < t.n_modules; ++m) {
+    const int64_t* row = t.modules + m * kModCols;
+    if (row[kModRank] < 1 || row[kModIn] < 1 || row[kModOut] < 1) return false;
+    if (row[kModFirst] != expected_first || row[kModMembers] < 1) return false;
+    expected_first += row[kModMembers];
+    if (expected_first > t.n_items) return false;
+    if (!row[kModOutA] || !row[kModOutB]) return false;
+    const int64_t od = row[kModOutDtype];
+    if (od != kF32 && od != kF16 && od != kBF16 && od != kF64) return false;
+    if (row[kModClampIndex] < 0 || row[kModClampIndex] >= row[kModRank]) return false;
+    for (int64_t i = row[kModFirst]; i < row[kModFirst] + row[kModMembers]; ++i) {
+      const int64_t* it = t.items + i * kItemCols;
+      if (!it[kItemA] || !it[kItemB]) return false;
+      for (int col : {kItemADtype, kItemBDtype})
+        if (it[col] != kF32 && it[col] != kF16 && it[col] != kBF16) return false;
+      if (it[kItemKA] < 0 || it[kItemKA] > row[kModRank] * row[kModIn]) return false;
+      if (it[kItemKB] < 0 || it[kItemKB] > row[kModRank] * row[kModOut]) return false;
+    }
+  }
+  return expected_first == t.n_items;
+}
+
+// The CPU kernel's validation reworded for this backend, plus the limit the device code
+// relies on (32-bit counts and column indices). ValueError (std::invalid_argument) names
+// the first bad row.
+inline void validate(const MergeTables& t) {
+  if (!tables_valid(t)) {
+    const std::string prefix = "robustmerge cpu kernel: ";
+    try {
+      MergeTables host = t;
+      host.n_threads = 1;
+      robustmerge::validate(host);
+    } catch (const std::invalid_argument& e) {
+      std::string what = e.what();
+      if (what.compare(0, prefix.size(), prefix) == 0) what = what.substr(prefix.size());
+      throw std::invalid_argument("robustmerge cuda kernel: " + what);
+    }
+    throw std::invalid_argument("robustmerge cuda kernel: invalid plan tables");  // tables_valid is stricter
+  }
+  for (int64_t m = 0; m < t.n_modules; ++m) {
+    const int64_t* row = t.modules + m * kModCols;
+    const int64_t r = row[kModRank];
+    if (row[kModIn] > INT32_MAX / r || row[kModOut] > INT32_MAX / r)
+      throw std::invalid_argument("robustmerge cuda kernel: module " + std::to_string(m) +
+                                  ": a matrix has 2^31 or more elements");
+  }
+}
 
 // Workspace layout: an uploaded part (tables and derived tables) and a zeroed part
 // (results and scratch), each array aligned to 256 bytes.
@@ -29,6 +87,28 @@ class Layout {
 
  private:
   size_t size_ = 0;
+};
+
+// The kernels of one merge, in stream order (kernels.cuh).
+enum class Kernel { kSelect, kFuseA, kWeights, kFuseB };
+struct Launch {
+  Kernel kernel;
+  int64_t blocks;
+  int threads;
+  int pass;          // select_kernel's launch number (0 for the others)
+  const char* what;  // for the launcher's error message
+};
+
+struct Outputs {           // where the launcher copies the results (device addresses; 0: not wanted)
+  int32_t* status;         // [n_items], required
+  int32_t* module_status;  // [n_modules]
+  uint32_t* tau;           // [n_items, 2]
+  double* scales;          // items' ranks concatenated
+};
+
+struct ResultCopy {  // workspace bytes [from, from + bytes) to dst, after the kernels
+  void* dst;
+  size_t from, bytes;
 };
 
 inline void check_split_elems(int64_t split_elems) {
@@ -122,6 +202,28 @@ struct HostPlan {
 
   int64_t n_tiles_a() const { return tile_first_a[M]; }
   int64_t n_tiles_b() const { return tile_first_b[M]; }
+
+  // Every launch of the merge, in stream order: the selection (select_grids), then one
+  // fuse_a block per A* tile, one weights block per module, one fuse_b block per B* tile.
+  std::vector<Launch> launches() const {
+    std::vector<Launch> out;
+    const std::vector<int64_t> grids = select_grids();
+    for (size_t pass = 0; pass < grids.size(); ++pass)  // the stream orders the passes
+      out.push_back({Kernel::kSelect, grids[pass], kSelectThreads, int(pass), "select_kernel launch"});
+    out.push_back({Kernel::kFuseA, n_tiles_a(), kFuseThreads, 0, "fuse_a_kernel launch"});
+    out.push_back({Kernel::kWeights, M, kWeightThreads, 0, "weights_kernel launch"});
+    out.push_back({Kernel::kFuseB, n_tiles_b(), kFuseThreads, 0, "fuse_b_kernel launch"});
+    return out;
+  }
+
+  // What the launcher copies out of the workspace after the kernels (entries with a null
+  // dst are skipped): item status, module status (the overflow flags), tau, scales.
+  std::array<ResultCopy, 4> result_copies(const Outputs& out) const {
+    return {{{out.status, o_status, sizeof(int32_t) * W},
+             {out.module_status, o_overflow, sizeof(int32_t) * M},
+             {out.tau, o_tau, sizeof(uint32_t) * 2 * W},
+             {out.scales, o_scales, sizeof(double) * S}}};
+  }
 
   std::vector<unsigned char> host_image(const MergeTables& t) const {
     std::vector<unsigned char> host(upload, 0);

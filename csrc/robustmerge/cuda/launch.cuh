@@ -1,9 +1,10 @@
-// Host driver of the CUDA kernels (kernels.cuh): validation of the HOST copies of the plan
-// tables, the workspace layout (host_plan.cuh), one upload, the launches (select: 1 + the
-// split passes, see select.cuh; fuse_a, weights, fuse_b) and copies of the results, all
-// enqueued on the caller's stream. Nothing here synchronises the host with the device
-// (except the brief staging copy of the pageable host tables that cudaMemcpyAsync does),
-// so the caller reads the status array after the stream's work (torch does so on .cpu()).
+// Host driver of the CUDA kernels (kernels.cuh): from the HOST copies of the plan tables,
+// validated and laid out by host_plan.cuh, one upload, the launches HostPlan::launches()
+// lists (select: 1 + the split passes, see select.cuh; fuse_a, weights, fuse_b) and the
+// copies of the results it lists, all enqueued on the caller's stream. Nothing here
+// synchronises the host with the device (except the brief staging copy of the pageable host
+// tables that cudaMemcpyAsync does), so the caller reads the status array after the
+// stream's work (torch does so on .cpu()).
 //
 // Host cost per call is kept to O(items + modules) integer work: validation builds no
 // message unless a row fails, the workspace can come from the caller (torch's caching
@@ -20,69 +21,14 @@
 #include <string>
 #include <vector>
 
-#include "../robustmerge_cpu.h"  // MergeTables, robustmerge::validate (the CPU kernel's checks and messages)
-#include "host_plan.cuh"
+#include "../robustmerge_cpu.h"  // MergeTables, kBins (nvcc sees only tables.h of it)
+#include "host_plan.cuh"           // validate, HostPlan, Launch, Outputs
 #include "kernels.cuh"
 
 namespace robustmerge {
 namespace cuda {
 
 static_assert(kBins == robustmerge::kBins, "the CUDA first pass uses the CPU histogram's bins");
-
-// The conditions of robustmerge::validate (robustmerge_cpu.h), without a std::string per
-// row: true when the tables are valid. Keep in step with that function; validate() below
-// falls back to it for the message, and tests/test_cuda_backend.py checks every message.
-inline bool tables_valid(const MergeTables& t) {
-  if (t.n_items < 1 || t.n_modules < 1) return false;
-  if (!t.items || !t.modules || !t.b_scale || !t.status) return false;
-  int64_t expected_first = 0;
-  for (int64_t m = 0; m < t.n_modules; ++m) {
-    const int64_t* row = t.modules + m * kModCols;
-    if (row[kModRank] < 1 || row[kModIn] < 1 || row[kModOut] < 1) return false;
-    if (row[kModFirst] != expected_first || row[kModMembers] < 1) return false;
-    expected_first += row[kModMembers];
-    if (expected_first > t.n_items) return false;
-    if (!row[kModOutA] || !row[kModOutB]) return false;
-    const int64_t od = row[kModOutDtype];
-    if (od != kF32 && od != kF16 && od != kBF16 && od != kF64) return false;
-    if (row[kModClampIndex] < 0 || row[kModClampIndex] >= row[kModRank]) return false;
-    for (int64_t i = row[kModFirst]; i < row[kModFirst] + row[kModMembers]; ++i) {
-      const int64_t* it = t.items + i * kItemCols;
-      if (!it[kItemA] || !it[kItemB]) return false;
-      for (int col : {kItemADtype, kItemBDtype})
-        if (it[col] != kF32 && it[col] != kF16 && it[col] != kBF16) return false;
-      if (it[kItemKA] < 0 || it[kItemKA] > row[kModRank] * row[kModIn]) return false;
-      if (it[kItemKB] < 0 || it[kItemKB] > row[kModRank] * row[kModOut]) return false;
-    }
-  }
-  return expected_first == t.n_items;
-}
-
-// The CPU kernel's validation reworded for this backend, plus the limit the device code
-// relies on (32-bit counts and column indices). ValueError (std::invalid_argument) names
-// the first bad row.
-inline void validate(const MergeTables& t) {
-  if (!tables_valid(t)) {
-    const std::string prefix = "robustmerge cpu kernel: ";
-    try {
-      MergeTables host = t;
-      host.n_threads = 1;
-      robustmerge::validate(host);
-    } catch (const std::invalid_argument& e) {
-      std::string what = e.what();
-      if (what.compare(0, prefix.size(), prefix) == 0) what = what.substr(prefix.size());
-      throw std::invalid_argument("robustmerge cuda kernel: " + what);
-    }
-    throw std::invalid_argument("robustmerge cuda kernel: invalid plan tables");  // tables_valid is stricter
-  }
-  for (int64_t m = 0; m < t.n_modules; ++m) {
-    const int64_t* row = t.modules + m * kModCols;
-    const int64_t r = row[kModRank];
-    if (row[kModIn] > INT32_MAX / r || row[kModOut] > INT32_MAX / r)
-      throw std::invalid_argument("robustmerge cuda kernel: module " + std::to_string(m) +
-                                  ": a matrix has 2^31 or more elements");
-  }
-}
 
 inline void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
@@ -109,13 +55,6 @@ inline void check_device_address(const void* ptr, int dev, const char* what, int
     throw std::invalid_argument(std::string("robustmerge cuda kernel: ") + what + where + " is on device " +
                                 std::to_string(attr.device) + ", the kernels run on device " + std::to_string(dev));
 }
-
-struct Outputs {           // device addresses (0: not wanted)
-  int32_t* status;         // [n_items], required
-  int32_t* module_status;  // [n_modules]
-  uint32_t* tau;           // [n_items, 2]
-  double* scales;          // items' ranks concatenated
-};
 
 // Runs the merge described by the validated host tables `t` (whose item and output
 // addresses are device addresses on `device`; -1: the current device) on `stream`.
@@ -174,24 +113,18 @@ inline void robustmerge_cuda(const MergeTables& t, int device, cudaStream_t stre
     check(cudaMemcpyAsync(ws, host.data(), hp.upload, cudaMemcpyHostToDevice, stream), "upload of the plan tables");
     check(cudaMemsetAsync(ws + hp.upload, 0, hp.total - hp.upload, stream), "cudaMemsetAsync");
     const DevicePlan p = hp.device_plan(ws, static_cast<float>(t.lam));
-    const std::vector<int64_t> grids = hp.select_grids();
-    for (size_t pass = 0; pass < grids.size(); ++pass) {  // the stream orders the passes
-      select_kernel<<<unsigned(grids[pass]), kSelectThreads, 0, stream>>>(p, int(pass));
-      check(cudaGetLastError(), "select_kernel launch");
+    for (const Launch& l : hp.launches()) {  // the stream orders them
+      const unsigned grid = unsigned(l.blocks);
+      switch (l.kernel) {
+        case Kernel::kSelect: select_kernel<<<grid, l.threads, 0, stream>>>(p, l.pass); break;
+        case Kernel::kFuseA: fuse_a_kernel<<<grid, l.threads, 0, stream>>>(p); break;
+        case Kernel::kWeights: weights_kernel<<<grid, l.threads, 0, stream>>>(p); break;
+        case Kernel::kFuseB: fuse_b_kernel<<<grid, l.threads, 0, stream>>>(p); break;
+      }
+      check(cudaGetLastError(), l.what);
     }
-    fuse_a_kernel<<<unsigned(hp.n_tiles_a()), kFuseThreads, 0, stream>>>(p);
-    check(cudaGetLastError(), "fuse_a_kernel launch");
-    weights_kernel<<<unsigned(M), kWeightThreads, 0, stream>>>(p);
-    check(cudaGetLastError(), "weights_kernel launch");
-    fuse_b_kernel<<<unsigned(hp.n_tiles_b()), kFuseThreads, 0, stream>>>(p);
-    check(cudaGetLastError(), "fuse_b_kernel launch");
-    auto copy = [&](void* dst, size_t from, size_t bytes) {
-      if (dst) check(cudaMemcpyAsync(dst, ws + from, bytes, cudaMemcpyDeviceToDevice, stream), "result copy");
-    };
-    copy(out.status, hp.o_status, sizeof(int32_t) * W);
-    copy(out.module_status, hp.o_overflow, sizeof(int32_t) * M);
-    copy(out.tau, hp.o_tau, sizeof(uint32_t) * 2 * W);
-    copy(out.scales, hp.o_scales, sizeof(double) * hp.S);
+    for (const ResultCopy& c : hp.result_copies(out))
+      if (c.dst) check(cudaMemcpyAsync(c.dst, ws + c.from, c.bytes, cudaMemcpyDeviceToDevice, stream), "result copy");
   } catch (...) {
     release();
     throw;
