@@ -128,6 +128,15 @@ def test_float64_modules_use_the_reference_path(backend):
     assert out[1][0].dtype == torch.float32 and out[1][0].device.type == backend.device.type
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_clamp_quantile_makes_weights_depend_on_the_column(backend, dtype):
+    """At the default quantile 0.8 and small ranks every A row is clamped to the largest
+    scale, so fusion weights are the same for all rows and a row/column mix-up in B's
+    fusion would go unseen; rank 16 at quantile 0.25 keeps most rows distinct."""
+    a, b = random_module(21, T=3, r=16, n=40, m=33, dtype=dtype)
+    check_against_reference(backend, a, b, clamp_quantile=0.25)
+
+
 @pytest.mark.parametrize("with_float64", [False, True])
 def test_kernel_calls_per_group(backend, monkeypatch, with_float64):
     """A group of kernel types is one kernel call (no per-tensor dtype pre-check); a float64
