@@ -12,7 +12,8 @@ namespace robustmerge_bindings {
 inline void add_table_schema(pybind11::module_& m) {
   namespace py = pybind11;
   namespace rm = robustmerge;
-  py::tuple items(size_t(rm::kItemCols)), modules(size_t(rm::kModCols));
+  // static_cast, not size_t(...): clang reads "py::tuple items(size_t(rm::kItemCols))" as a function declaration
+  py::tuple items(static_cast<size_t>(rm::kItemCols)), modules(static_cast<size_t>(rm::kModCols));
   for (size_t i = 0; i < size_t(rm::kItemCols); ++i) items[i] = py::str(rm::kItemColumnNames[i]);
   for (size_t i = 0; i < size_t(rm::kModCols); ++i) modules[i] = py::str(rm::kModuleColumnNames[i]);
   m.attr("ITEM_COLUMNS") = items;

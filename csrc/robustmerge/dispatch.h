@@ -39,6 +39,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
+#include <cpuid.h>
 #endif
 
 #define RMK_NS portable
@@ -75,6 +76,16 @@
 
 namespace robustmerge {
 
+#if RMK_X86_DISPATCH
+// F16C (CPUID leaf 1, ECX bit 29) read directly: clang < 16 has no "f16c" for
+// __builtin_cpu_supports. Its registers are the AVX ones, whose OS support the "avx2" check
+// beside it covers.
+inline bool cpu_has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29)) != 0;
+}
+#endif
+
 // Every path compiled into this build, best first, and whether this CPU can run it.
 struct SimdPath {
   const Kernels* kernels;
@@ -85,8 +96,8 @@ inline std::vector<SimdPath> simd_paths() {
   std::vector<SimdPath> paths;
 #if RMK_X86_DISPATCH
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-                    __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  const bool avx2 = __builtin_cpu_supports("avx2") && cpu_has_f16c() && __builtin_cpu_supports("popcnt") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   paths.push_back({&avx512::kernels(), avx512});
