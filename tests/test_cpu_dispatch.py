@@ -260,6 +260,25 @@ def test_older_cpus_dispatch_to_what_they_have(probe, model, expected):
         assert refused.returncode != 0 and "does not support" in refused.stderr
 
 
+def test_aarch64_portable_path_gives_the_same_bits(probe, tmp_path):
+    """The portable path built for aarch64 (NEON by auto-vectorisation, the build's flags:
+    -O3 -ffp-contract=off, which GCC would otherwise turn into fused multiply-adds there)
+    and run under qemu-user gives the same outputs, thresholds and scales as x86-64."""
+    cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    if cxx is None or qemu is None:
+        pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (apt: g++-aarch64-linux-gnu qemu-user)")
+    exe = tmp_path / "probe-aarch64"
+    subprocess.run(
+        [cxx, "-std=c++17", "-O3", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-pthread", "-static",
+         f"-I{REPO / 'csrc'}", str(REPO / "tests" / "cpu_dispatch_probe.cpp"), "-o", str(exe)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    native = _run([str(probe), "portable"]).stdout.split()
+    out = _run([qemu, str(exe)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == native  # "portable 1 <hash>": no x86 path exists there
+
+
 def test_per_path_benchmark_script_runs(tmp_path):
     """benchmarks/cpu_simd.py (the README's per-path table) on a tiny case: every path's row,
     outputs checked byte-identical by the script itself."""
