@@ -91,18 +91,29 @@ def measure(shape: str, T: int, dtype: str, rounds: int) -> dict[str, float]:
     return row
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def case_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
+    """The case options both host-cost scripts take (shape, T, dtype, rounds)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--shape", default="llava-7b")
     p.add_argument("--T", type=int, default=8)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--rounds", type=int, default=15)
-    args = p.parse_args(argv)
-    row = measure(args.shape, args.T, args.dtype, args.rounds)
-    n = len(synthetic.module_list(args.shape))
-    print(f"{args.shape} T={args.T} {args.dtype}: {n} modules, {2 * n * args.T} input tensors (CPU ms, median)")
+    p.add_argument("--rounds", type=int, default=rounds)
+    return p
+
+
+def print_row(title: str, row: dict[str, float]) -> None:
+    print(title)
     for key, value in row.items():
         print(f"  {key:26s} {value:8.3f}")
+
+
+def main(argv=None) -> int:
+    args = case_parser(__doc__, rounds=15).parse_args(argv)
+    row = measure(args.shape, args.T, args.dtype, args.rounds)
+    n = len(synthetic.module_list(args.shape))
+    print_row(
+        f"{args.shape} T={args.T} {args.dtype}: {n} modules, {2 * n * args.T} input tensors (CPU ms, median)", row
+    )
     return 0
 
 

@@ -23,14 +23,13 @@ compare machines and loads. These are host (Python) costs on this CPU, not GPU f
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from host_cost import median_ms  # CPU-time median after a warm-up (this folder is on sys.path)
+from host_cost import DTYPES, case_parser, median_ms, print_row  # this folder is on sys.path
 
 import robustmerge_kernels as rk
 from robustmerge_kernels.adapter_io.sources import open_adapter
@@ -41,7 +40,6 @@ from robustmerge_kernels.params import RobustMergeParams
 from robustmerge_kernels.pipeline import CUDA_RESIDENT_GROUP_BYTES, Emitter, RobustMergeRun, module_groups
 from robustmerge_kernels.plan import build_plan
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HOSTONLY = "hostonly"
 
 
@@ -97,22 +95,17 @@ def measure(shape: str, T: int, dtype: str, rounds: int, groups: str, partial: b
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="llava-7b")
-    p.add_argument("--T", type=int, default=8)
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--rounds", type=int, default=21)
+    p = case_parser(__doc__, rounds=21)
     p.add_argument("--groups", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--partial", action="store_true", help="one module missing from the last adapter")
     args = p.parse_args(argv)
     row = measure(args.shape, args.T, args.dtype, args.rounds, args.groups, args.partial)
     n = len(synthetic.module_list(args.shape))
-    print(
+    title = (
         f"{args.shape} T={args.T} {args.dtype}{' partial' if args.partial else ''}, {args.groups} grouping: {n} "
         f"modules, {2 * n * args.T} LoRA tensors (CPU ms, median of {args.rounds})"
     )
-    for key, value in row.items():
-        print(f"  {key:26s} {value:8.3f}")
+    print_row(title, row)
     return 0
 
 

@@ -95,6 +95,21 @@ inline bool contiguous_2d(const Tensor& t) {
   return (cols == 1 || t.strides[1] == 1) && (rows == 1 || t.strides[0] == cols);
 }
 
+// `obj` read into `t` when it is of one of `types` exactly (a subclass may keep its data
+// elsewhere than a plain tensor does) and the exchange API can read it; false otherwise,
+// with no Python error left set: the caller's Python fallback reports what is wrong.
+inline bool read_exact(const ExchangeAPI* api, PyObject* types, PyObject* obj, Tensor* t) {
+  bool type_ok = false;
+  for (Py_ssize_t i = 0, n = PyTuple_GET_SIZE(types); i < n && !type_ok; ++i)
+    type_ok = reinterpret_cast<PyObject*>(Py_TYPE(obj)) == PyTuple_GET_ITEM(types, i);
+  if (!type_ok) return false;
+  if (api->dltensor_from_py_object_no_sync(obj, t) != 0) {
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
 }  // namespace dlpack
 
 // A Python int attribute of `obj` (a new reference is taken and released here).
@@ -151,7 +166,6 @@ inline int64_t fill_tables(pybind11::list group, pybind11::list out_a, pybind11:
     throw std::invalid_argument("fill_tables: bad table arguments");
   for (pybind11::list l : {group, out_a, out_b})
     if (PyList_GET_SIZE(l.ptr()) != n_modules) throw std::invalid_argument("fill_tables: one entry per module expected");
-  const Py_ssize_t n_types = PyTuple_GET_SIZE(types.ptr());
   static PyObject* const s_plan = PyUnicode_InternFromString("plan");
   static PyObject* const s_a = PyUnicode_InternFromString("a");
   static PyObject* const s_b = PyUnicode_InternFromString("b");
@@ -164,15 +178,8 @@ inline int64_t fill_tables(pybind11::list group, pybind11::list out_a, pybind11:
 
   // One tensor's address and dtype code, or false when the fast path cannot take it.
   auto take = [&](PyObject* obj, int64_t rows, int64_t cols, int32_t want_code, int64_t* address, int64_t* dtype) {
-    bool type_ok = false;
-    for (Py_ssize_t i = 0; i < n_types && !type_ok; ++i)
-      type_ok = reinterpret_cast<PyObject*>(Py_TYPE(obj)) == PyTuple_GET_ITEM(types.ptr(), i);
-    if (!type_ok) return false;
     dlpack::Tensor t;
-    if (api->dltensor_from_py_object_no_sync(obj, &t) != 0) {
-      PyErr_Clear();  // the checked path will report whatever is wrong with this tensor
-      return false;
-    }
+    if (!dlpack::read_exact(api, types.ptr(), obj, &t)) return false;  // the checked path reports why
     const int32_t code = dlpack::kernel_dtype(t.dtype, want_code >= 0);
     if (t.device.device_type != device_type || t.device.device_id != device_id || code < 0 || t.ndim != 2 ||
         t.shape[0] != rows || t.shape[1] != cols || !dlpack::contiguous_2d(t) || !t.data)
@@ -241,21 +248,13 @@ inline pybind11::object read_headers(pybind11::list values, pybind11::handle api
                                      pybind11::dict dtypes_by_code) {
   namespace py = pybind11;
   const dlpack::ExchangeAPI* api = dlpack::exchange_api(api_capsule);
-  const Py_ssize_t n = PyList_GET_SIZE(values.ptr()), n_types = PyTuple_GET_SIZE(types.ptr());
+  const Py_ssize_t n = PyList_GET_SIZE(values.ptr());
   py::list dtypes(n), shapes(n), devices;
   int64_t seen[8][2];  // distinct devices so far (a state dict spans one or two)
   int n_seen = 0;
   for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* obj = PyList_GET_ITEM(values.ptr(), i);
-    bool type_ok = false;
-    for (Py_ssize_t j = 0; j < n_types && !type_ok; ++j)
-      type_ok = reinterpret_cast<PyObject*>(Py_TYPE(obj)) == PyTuple_GET_ITEM(types.ptr(), j);
-    if (!type_ok) return py::none();
     dlpack::Tensor t;
-    if (api->dltensor_from_py_object_no_sync(obj, &t) != 0) {
-      PyErr_Clear();
-      return py::none();
-    }
+    if (!dlpack::read_exact(api, types.ptr(), PyList_GET_ITEM(values.ptr(), i), &t)) return py::none();
     if (t.dtype.lanes != 1 || t.ndim < 0) return py::none();
     PyObject* dtype = PyDict_GetItemWithError(dtypes_by_code.ptr(), py::int_(int(t.dtype.code) * 256 + t.dtype.bits).ptr());
     if (!dtype) {

@@ -110,12 +110,10 @@ def build_tables(group: list[ModuleInputs], params: RobustMergeParams, device: t
 
 def _module_rows(group: list[ModuleInputs], params: RobustMergeParams, device: torch.device):
     """Outputs allocated on ``device`` and the module table rows (shared by both paths)."""
-    rows, outputs, first = [], [], 0
-    for g in group:
+    rows, first = [], 0
+    outputs = list(zip(*allocate_outputs([g.plan for g in group], device)))
+    for g, (out_a, out_b) in zip(group, outputs):
         p = g.plan
-        out_a = torch.empty(p.rank, p.in_features, dtype=p.out_dtype, device=device)
-        out_b = torch.empty(p.out_features, p.rank, dtype=p.out_dtype, device=device)
-        outputs.append((out_a, out_b))
         clamp_index = min(int(p.rank * params.clamp_quantile), p.rank - 1)
         rows.append([
             p.rank, p.in_features, p.out_features, first, len(p.members),
@@ -130,17 +128,6 @@ def _int64_column(values: list[int]) -> torch.Tensor:
     return (
         torch.frombuffer(array.array("q", values), dtype=torch.int64) if values else torch.empty(0, dtype=torch.int64)
     )
-
-
-def _prune_counts(group: list[ModuleInputs], density: float) -> list[tuple[int, int]]:
-    """(k_a, k_b) per module."""
-    return [
-        (
-            prune_count(g.plan.rank * g.plan.in_features, density),
-            prune_count(g.plan.out_features * g.plan.rank, density),
-        )
-        for g in group
-    ]
 
 
 @functools.cache
@@ -171,10 +158,11 @@ def _exchange_reads_like_torch(exchange) -> bool:
     plan = ModulePlan("m", "m.a", "m.b", 3, 5, 4, (0,), ("a",), ("b",), (0.5,), torch.float64, 0)
     group = [ModuleInputs(plan, [a], [b])]
     params = RobustMergeParams(density=0.5, clamp_quantile=0.5)
-    fast = _exchange_tables(group, params, torch.device("cpu"), [1], exchange, (1, 0))
+    cpu = torch.device("cpu")
+    fast = _exchange_tables(group, params, cpu, [1], exchange, _dlpack_device(cpu))
     if fast is None:
         return False
-    checked = _checked_tables(group, params, torch.device("cpu"))
+    checked = _checked_tables(group, params, cpu)
     out_cols = [MODULE["out_a"], MODULE["out_b"]]
     same = [c for c in range(len(MODULE_COLUMNS)) if c not in out_cols]
     return (
@@ -216,11 +204,16 @@ def read_headers(values: list[Any]) -> tuple[list[torch.dtype], list[tuple[int, 
     return dtypes, shapes, devices
 
 
+# DLPack device types of torch's "cpu" and "cuda" devices (kDLCPU; kDLROCM on ROCm builds,
+# kDLCUDA otherwise), for both directions below.
+_DL_CPU, _DL_GPU = 1, (10 if torch.version.hip else 2)
+
+
 def _torch_device(device_type: int, device_id: int) -> torch.device | None:
     """The torch device of a DLPack (type, id) as torch reports its own tensors."""
-    if device_type == 1:
+    if device_type == _DL_CPU:
         return torch.device("cpu")
-    if device_type == (10 if torch.version.hip else 2):
+    if device_type == _DL_GPU:
         return torch.device("cuda", device_id)
     return None
 
@@ -234,19 +227,16 @@ def _headers_usable() -> bool:
     ext, capsule, types = exchange
     samples = [torch.empty(2, 3, dtype=d) for d in _DLPACK_DTYPES.values()] + [torch.empty(()), torch.empty(0, 5)]
     read = ext.read_headers(samples, capsule, types, _DLPACK_DTYPES)
-    return read is not None and (read[0], read[1], read[2]) == (
-        [x.dtype for x in samples],
-        [tuple(x.shape) for x in samples],
-        [(1, 0)],
-    )
+    expected = ([x.dtype for x in samples], [tuple(x.shape) for x in samples], [(_DL_CPU, 0)])
+    return read is not None and tuple(read) == expected
 
 
 def _dlpack_device(device: torch.device) -> tuple[int, int] | None:
     """(DLPack device type, id) as torch reports ``device``; None for devices not handled."""
     if device.type == "cpu":
-        return 1, 0
+        return _DL_CPU, 0
     if device.type == "cuda" and device.index is not None:
-        return (10 if torch.version.hip else 2), device.index  # kDLROCM / kDLCUDA
+        return _DL_GPU, device.index
     return None
 
 
@@ -317,11 +307,12 @@ def _attribute_tables(
     codes = list(map(KERNEL_DTYPES.__getitem__, dtypes))
     ptrs = list(map(torch.Tensor.data_ptr, xs))
     W = len(a)
-    ks = _prune_counts(group, params.density)
+    k_a = [prune_count(g.plan.rank * g.plan.in_features, params.density) for g in group]
+    k_b = [prune_count(g.plan.out_features * g.plan.rank, params.density) for g in group]
     columns = [
         _int64_column(ptrs[:W]), _int64_column(ptrs[W:]), _int64_column(codes[:W]), _int64_column(codes[W:]),
-        _int64_column([k for (k, _), n in zip(ks, members) for _ in range(n)]),
-        _int64_column([k for (_, k), n in zip(ks, members) for _ in range(n)]),
+        _int64_column([k for k, n in zip(k_a, members) for _ in range(n)]),
+        _int64_column([k for k, n in zip(k_b, members) for _ in range(n)]),
     ]  # fmt: skip
     rows, outputs = _module_rows(group, params, device)
     b_scale = [s for g in group for s in g.plan.b_scale]
